@@ -1,0 +1,68 @@
+"""The ``labelwise`` command line.
+
+Each sub-command lives in its own module with a ``register(subparsers)`` function that
+adds its parser and sets ``func`` (called with the parsed namespace, returns an exit
+code). Modules are imported lazily so ``labelwise --help`` stays fast and a sub-command
+only pays for the imports it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from labelwise import __version__
+from labelwise.errors import LabelwiseError
+
+# (sub-command, module, one-line help). Order is the order shown in --help.
+COMMANDS = [
+    ("data", "labelwise.cli.data", "generate synthetic testbeds and inspect datasets"),
+    ("train", "labelwise.cli.train", "train a method on a dataset"),
+    ("infer", "labelwise.cli.infer", "write seeds, pseudo-masks or predictions from a trained run"),
+    ("pseudo-masks", "labelwise.cli.pseudo_masks", "unsupervised pseudo-masks (OAP, MaskCut, TokenCut) for a folder of images"),
+    ("evaluate", "labelwise.cli.evaluate", "score predictions against ground truth"),
+    ("demo", "labelwise.cli.demo", "end-to-end demo on a synthetic testbed with an HTML report"),
+    ("bench", "labelwise.cli.bench", "speed and quality benchmarks"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's convention)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="labelwise", description="Label-efficient image segmentation.")
+    parser.add_argument("--version", action="version", version=f"labelwise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module, help_text in COMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text, add_help=False)
+            continue
+        mod = importlib.import_module(module)
+        mod.register(sub, name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only import the module of the command that runs (others get a placeholder parser).
+    first = next((a for a in argv if not a.startswith("-")), None)
+    names = {n for n, _, _ in COMMANDS}
+    only = first if first in names else None
+    if only is None and any(a in ("-h", "--help") for a in argv):
+        only = "__none__"
+    parser = build_parser(only=only)
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(args.func(args) or 0)
+    except LabelwiseError as e:
+        print(f"labelwise: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("labelwise: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,79 @@
+"""Thin helpers over ``torch.distributed`` that also work when it is not initialised.
+
+Launching with ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; :func:`init_distributed`
+then joins the process group (nccl on GPU, gloo on CPU). Everything else degrades to the
+single-process case, so library code can call these unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_distributed(backend: str | None = None) -> bool:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1. Returns whether distributed."""
+    if is_dist():
+        return True
+    if not launched_by_torchrun():
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place on a copy); identity when not distributed.
+
+    gloo has no int64/uint8 reductions on some builds, so integer tensors are reduced as
+    float64 (exact up to 2**53, far above any pixel count).
+    """
+    if not is_dist():
+        return t
+    orig_dtype, orig_device = t.dtype, t.device
+    work = t.detach().clone()
+    if dist.get_backend() == "gloo":
+        work = work.to("cpu", torch.float64)
+    elif not work.is_floating_point():
+        work = work.to(torch.float64)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(orig_device, orig_dtype)
+
+
+def all_gather_object(obj):
+    """List of ``obj`` from every rank (``[obj]`` when not distributed)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

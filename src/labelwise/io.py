@@ -1,0 +1,185 @@
+"""File I/O shared by every part of labelwise: atomic writes, image and label PNG decoding.
+
+* Writes go to a temporary file in the same directory and are renamed into place, so a
+  killed process never leaves a half-written checkpoint, mask or JSON behind.
+* :func:`read_image` returns an RGB ``uint8`` array whatever the file holds (EXIF
+  orientation applied; grayscale, RGBA, palette and 16-bit images converted).
+* :func:`read_label` returns the *indices* stored in a label PNG (palette or grayscale),
+  never the palette colours.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from labelwise.errors import LabelwiseError
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data), "wb")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_save_torch(path: str | Path, obj: Any) -> None:
+    import torch
+
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- palettes
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), ``n x 3`` uint8."""
+    idx = np.arange(n)
+    pal = np.zeros((n, 3), dtype=np.int64)
+    c = idx.copy()
+    for j in range(8):
+        for ch in range(3):
+            pal[:, ch] |= ((c >> ch) & 1) << (7 - j)
+        c >>= 3
+    return pal.astype(np.uint8)
+
+
+VOC_PALETTE = voc_palette()
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise LabelwiseError(f"{path}: file not found; check the dataset layout")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise LabelwiseError(f"{path}: corrupt or unreadable image ({type(e).__name__}); "
+                             "re-export the file or remove it from the split") from None
+    return img
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image as RGB ``uint8`` ``H x W x 3`` with EXIF orientation applied."""
+    path = Path(path)
+    img = _open(path)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF must not make an image unreadable
+        pass
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+        arr = np.asarray(img).astype(np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))  # composite on white
+        img = Image.alpha_composite(bg, img)
+    img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read the class indices of a label PNG (palette or grayscale) as ``uint8`` ``H x W``."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode in ("P", "L"):
+        return np.asarray(img, dtype=np.uint8).copy()
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img)
+        if arr.max() > 255:
+            raise LabelwiseError(f"{path}: label value {int(arr.max())} does not fit the uint8 label format; "
+                                 "store class indices 0..254 and 255 for ignore")
+        return arr.astype(np.uint8)
+    if img.mode == "1":
+        return np.asarray(img, dtype=np.uint8).copy()
+    raise LabelwiseError(f"{path}: label PNG has mode {img.mode} (colour); save class indices as a "
+                         "palette ('P') or grayscale ('L') PNG")
+
+
+def write_label(path: str | Path, label: np.ndarray) -> None:
+    """Write class indices as a VOC-palette PNG, atomically."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be 2-D, got shape {label.shape}")
+    if label.dtype != np.uint8:
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise ValueError("label values must be in 0..255")
+        label = label.astype(np.uint8)
+    img = Image.fromarray(label, mode="P")
+    img.putpalette(VOC_PALETTE.reshape(-1).tolist())
+    buf = _io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
+    """Write an RGB ``uint8`` image (format from the suffix), atomically."""
+    path = Path(path)
+    img = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
+    buf = _io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """All image files below ``root`` (recursive), sorted by relative path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LabelwiseError(f"{root}: image folder not found; pass an existing directory")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))

@@ -1,0 +1,28 @@
+"""Small utilities shared across the package."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable, TypeVar
+
+from tqdm.auto import tqdm
+
+from labelwise.dist import is_main
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, **kw) -> Iterable[T]:
+    """A tqdm progress bar on the main rank; silent on other ranks or with LABELWISE_NO_PROGRESS=1."""
+    disable = (not is_main()) or os.environ.get("LABELWISE_NO_PROGRESS") == "1"
+    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, file=sys.stderr, **kw)
+
+
+def resolve_device(name: str = "auto"):
+    """``auto`` -> cuda when available, else cpu."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
