@@ -86,8 +86,9 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_error(key: str, cls: type, root: type | None, source: str) -> LabelwiseError:
-    candidates = all_keys(root or cls)
+def _unknown_key_error(key: str, cls: type, prefix: str, source: str) -> LabelwiseError:
+    """``cls`` is the config section the key was looked up in, ``prefix`` its dotted path."""
+    candidates = all_keys(cls, prefix)
     guess = _closest(key, candidates)
     if guess is None:  # fall back to matching the last component
         leaf = key.rsplit(".", 1)[-1]
@@ -114,8 +115,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
+        # "none"/"null" on the command line means None for every optional field.
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
-                             and type(None) in args and str not in non_none):
+                             and type(None) in args):
             if type(None) in args:
                 return None
             raise fail(" or ".join(_type_name(a) for a in non_none))
@@ -135,7 +137,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise fail(f"a mapping of {_type_name(tp)} fields")
-        return _from_dict(tp, value, key + ".", source, None)
+        return _from_dict(tp, value, key + ".", source)
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise fail("a list")
@@ -211,12 +213,12 @@ def _check_meta(value: Any, f: dataclasses.Field, key: str, source: str) -> None
                 raise LabelwiseError(f"config key '{key}' in {source} must be in {bounds}, got {v!r}")
 
 
-def _from_dict(cls: type[T], data: Mapping[str, Any], prefix: str, source: str, root: type | None) -> T:
+def _from_dict(cls: type[T], data: Mapping[str, Any], prefix: str, source: str) -> T:
     hints = _hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise _unknown_key_error(f"{prefix}{k}", cls, root, source)
+            raise _unknown_key_error(f"{prefix}{k}", cls, prefix, source)
     kwargs = {}
     for name, f in names.items():
         if name not in data:
@@ -241,7 +243,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, source: str = "confi
     data = data or {}
     if not isinstance(data, Mapping):
         raise LabelwiseError(f"{source} must hold a mapping of config keys, got {type(data).__name__}")
-    return _from_dict(cls, data, "", source, cls)
+    return _from_dict(cls, data, "", source)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -311,7 +313,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str], cls: type
     valid = set(all_keys(cls)) if cls is not None else None
     for key, value in parse_overrides(overrides):
         if valid is not None and key not in valid:
-            raise _unknown_key_error(key, cls, cls, source)
+            raise _unknown_key_error(key, cls, "", source)
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
