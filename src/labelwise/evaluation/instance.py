@@ -1,0 +1,189 @@
+"""Instance segmentation / detection metrics with pycocotools' COCOeval.
+
+:class:`InstanceEvaluator` collects predictions in the COCO results format (a list of
+``{image_id | file_name, category_id, segmentation: RLE, score[, bbox]}``) and scores
+them against a COCO ground-truth json with ``COCOeval`` twice: ``iouType="segm"`` gives
+``ap`` (AP@[.5:.95]), ``ap50``, ``ap75``, ``ap_small``/``ap_medium``/``ap_large`` and
+``ar1``/``ar10``/``ar100``; ``iouType="bbox"`` gives ``box_ap``, ``box_ap50``, ``box_ap75``
+(boxes computed from the masks when a prediction has none).
+
+* Class-agnostic by default (the unsupervised setting of OAP/U2Seg/CutLER): ground-truth
+  categories with ``"isthing": 0`` (stuff) are dropped, every remaining annotation and
+  every prediction is put into a single category. ``class_aware=True`` keeps the
+  ground-truth categories (all of them) and compares ``category_id``.
+* A prediction may name its image by ``file_name`` instead of (or as well as)
+  ``image_id``: it is matched to the ground truth image with the same ``file_name``
+  (exactly, else by base name when that is unique). Unknown file names or ids are an
+  error that lists them.
+* No predictions at all -> every AP/AR is 0. A value COCOeval reports as -1 (no ground
+  truth for it, e.g. no small objects) is NaN.
+* Under ``torch.distributed`` each rank ``update()``\\ s its share; ``compute()`` gathers
+  the predictions (``all_gather_object``), rank 0 runs COCOeval and every rank returns
+  rank 0's result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from labelwise.dist import all_gather_object, get_rank
+from labelwise.errors import LabelwiseError
+from labelwise.evaluation.base import format_table
+
+__all__ = ["InstanceEvaluator", "load_coco", "match_images"]
+
+SEGM_KEYS = ["ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100",
+             "ar_small", "ar_medium", "ar_large"]
+BOX_KEYS = ["box_ap", "box_ap50", "box_ap75"]
+
+
+def load_coco(gt: Any):
+    """A pycocotools ``COCO`` from a COCO object, a dataset dict or a json path (quietly)."""
+    from pycocotools.coco import COCO
+
+    if isinstance(gt, COCO):
+        return gt
+    if isinstance(gt, (str, Path)):
+        path = Path(gt)
+        if not path.is_file():
+            raise LabelwiseError(f"{path}: ground-truth COCO json not found")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LabelwiseError(f"{path}: not a valid JSON file") from None
+    elif isinstance(gt, dict):
+        data = gt
+    else:
+        raise TypeError(f"cannot read COCO ground truth from {type(gt).__name__}")
+    coco = COCO()
+    coco.dataset = copy.deepcopy(data)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def match_images(coco, preds: Iterable[dict], source: str = "predictions") -> list[dict]:
+    """Copies of ``preds`` with ``image_id`` set to the ground-truth id (from ``image_id`` or ``file_name``)."""
+    imgs = coco.dataset.get("images", [])
+    ids = {img["id"] for img in imgs}
+    by_name = {img.get("file_name"): img["id"] for img in imgs if img.get("file_name")}
+    by_base: dict[str, list] = {}
+    for img in imgs:
+        if img.get("file_name"):
+            by_base.setdefault(Path(img["file_name"]).name, []).append(img["id"])
+    out, unknown = [], []
+    for p in preds:
+        q = dict(p)
+        if "image_id" in q and q["image_id"] in ids:
+            out.append(q)
+            continue
+        fn = q.get("file_name")
+        iid = None
+        if fn is not None:
+            iid = by_name.get(fn)
+            if iid is None:
+                cands = by_base.get(Path(fn).name, [])
+                iid = cands[0] if len(cands) == 1 else None
+        if iid is None:
+            unknown.append(str(fn if fn is not None else q.get("image_id")))
+            continue
+        q["image_id"] = iid
+        out.append(q)
+    if unknown:
+        uniq = sorted(set(unknown))
+        more = f" (and {len(uniq) - 5} more)" if len(uniq) > 5 else ""
+        raise LabelwiseError(f"{source}: {len(uniq)} image(s) not in the ground truth: {', '.join(uniq[:5])}{more}; "
+                             "predictions must name ground-truth images by file_name or image_id")
+    return out
+
+
+class InstanceEvaluator:
+    """COCO mask (and box) AP/AR of results against a ground truth (path, dict or ``COCO``)."""
+
+    def __init__(self, gt: Any, class_aware: bool = False, max_dets: int = 100):
+        self.gt = load_coco(gt)
+        self.class_aware = bool(class_aware)
+        self.max_dets = int(max_dets)
+        self.results: list[dict] = []
+        self._gt_eval = self.gt if class_aware else self._agnostic_gt()
+
+    def _agnostic_gt(self):
+        data = self.gt.dataset
+        stuff = {c["id"] for c in data.get("categories", []) if c.get("isthing", 1) == 0}
+        anns = []
+        for a in data.get("annotations", []):
+            if a.get("category_id") in stuff:
+                continue
+            a = dict(a)
+            a["category_id"] = 1
+            anns.append(a)
+        agn = {k: v for k, v in data.items() if k not in ("annotations", "categories")}
+        agn["annotations"] = anns
+        agn["categories"] = [{"id": 1, "name": "object", "supercategory": "object", "isthing": 1}]
+        return load_coco(agn)
+
+    def reset(self) -> None:
+        self.results = []
+
+    def update(self, results: Iterable[dict]) -> None:
+        """Add COCO results (dicts with ``segmentation`` RLE, ``score``, ``category_id``, image by id or name)."""
+        for r in results:
+            if "segmentation" not in r or "score" not in r:
+                raise LabelwiseError("instance predictions need 'segmentation' and 'score' in every entry")
+            self.results.append(r)
+
+    def _evaluate(self, results: list[dict]) -> dict[str, float]:
+        from pycocotools.cocoeval import COCOeval
+
+        res = match_images(self.gt, results)
+        out: dict[str, float] = {}
+        if not res:
+            out.update({k: 0.0 for k in SEGM_KEYS + BOX_KEYS})
+            out["num_predictions"] = 0
+            return out
+        clean = []
+        for r in res:
+            q = {k: v for k, v in r.items() if k not in ("file_name", "level", "id")}
+            if not self.class_aware:
+                q["category_id"] = 1
+            seg = q["segmentation"]
+            if isinstance(seg, dict) and isinstance(seg.get("counts"), bytes):
+                q["segmentation"] = {"size": seg["size"], "counts": seg["counts"].decode("ascii")}
+            clean.append(q)
+        if self.class_aware:
+            cats = {c["id"] for c in self.gt.dataset.get("categories", [])}
+            bad = sorted({str(q.get("category_id")) for q in clean if q.get("category_id") not in cats})
+            if bad:
+                raise LabelwiseError(f"predictions use category ids {', '.join(bad[:5])} that the ground truth does "
+                                     "not define; drop --class-aware or map the categories")
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = self._gt_eval.loadRes(copy.deepcopy(clean))
+            for iou_type, keys in (("segm", SEGM_KEYS), ("bbox", BOX_KEYS)):
+                ev = COCOeval(self._gt_eval, dt, iou_type)
+                ev.params.maxDets = [1, 10, self.max_dets]
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+                for i, k in enumerate(keys):
+                    v = float(ev.stats[i])
+                    out[k] = v if v >= 0 else float("nan")
+        out["num_predictions"] = len(clean)
+        return out
+
+    def compute(self) -> dict[str, Any]:
+        gathered = all_gather_object(self.results)
+        result = None
+        if get_rank() == 0:
+            allres = [r for part in gathered for r in part]
+            result = self._evaluate(allres)
+        return all_gather_object(result)[0]
+
+    def table(self, result: dict[str, Any] | None = None) -> str:
+        r = self.compute() if result is None else result
+        mode = "class-aware" if self.class_aware else "class-agnostic"
+        return format_table([[k, r[k]] for k in SEGM_KEYS + BOX_KEYS if k in r], [f"metric ({mode})", "value"])

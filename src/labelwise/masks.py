@@ -1,0 +1,120 @@
+"""Binary masks <-> COCO run-length encoding (RLE), plus bbox/area helpers.
+
+Everything goes through ``pycocotools.mask`` so the encodings are bit-identical to
+what COCO tools produce and read. ``counts`` is returned as a ``str`` (ASCII) so that
+RLEs can be written to JSON directly; :func:`decode_mask` accepts ``str`` or ``bytes``
+counts, uncompressed RLE (``counts`` as a list of ints) and polygons (given the image
+``height`` and ``width``). Round trips are exact for any size, including empty, full,
+single-pixel and odd-sized masks.
+
+Boxes are COCO ``[x, y, w, h]`` in pixels, the tight box around the foreground pixels
+(``w = x_max - x_min + 1``), as ``pycocotools.mask.toBbox`` computes them; an empty mask
+gives ``[0, 0, 0, 0]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+__all__ = ["encode_mask", "encode_masks", "decode_mask", "decode_masks", "mask_to_bbox", "mask_area"]
+
+
+def _to_numpy(mask: Any) -> np.ndarray:
+    if hasattr(mask, "detach"):  # torch tensor on any device
+        mask = mask.detach().cpu().numpy()
+    return np.asarray(mask)
+
+
+def _as_str(rle: dict) -> dict:
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def encode_mask(mask: Any) -> dict:
+    """RLE of one ``H x W`` mask (bool or 0/1; numpy or torch): ``{"size": [h, w], "counts": str}``."""
+    m = _to_numpy(mask)
+    if m.ndim != 2:
+        raise ValueError(f"encode_mask expects an H x W mask, got shape {m.shape}; use encode_masks for N x H x W")
+    return _as_str(mask_utils.encode(np.asfortranarray(m != 0, dtype=np.uint8)))
+
+
+def encode_masks(masks: Any) -> list[dict]:
+    """RLEs of ``N x H x W`` masks in one vectorised pycocotools call (stacked H x W x N, Fortran order)."""
+    m = _to_numpy(masks)
+    if m.ndim != 3:
+        raise ValueError(f"encode_masks expects N x H x W masks, got shape {m.shape}")
+    if m.shape[0] == 0:
+        return []
+    stacked = np.asfortranarray((m != 0).transpose(1, 2, 0), dtype=np.uint8)
+    return [_as_str(r) for r in mask_utils.encode(stacked)]
+
+
+def _to_rle(segm: Any, height: int | None, width: int | None) -> dict:
+    """Any COCO segmentation (compressed/uncompressed RLE, polygons) -> compressed RLE with bytes counts."""
+    if isinstance(segm, dict):
+        if "counts" not in segm or "size" not in segm:
+            raise ValueError("an RLE needs 'size' and 'counts'")
+        h, w = int(segm["size"][0]), int(segm["size"][1])
+        counts = segm["counts"]
+        if isinstance(counts, list):  # uncompressed RLE
+            return mask_utils.frPyObjects(segm, h, w)
+        if isinstance(counts, str):
+            counts = counts.encode("ascii")
+        return {"size": [h, w], "counts": counts}
+    if isinstance(segm, (list, tuple)):  # polygons [[x1, y1, x2, y2, ...], ...]
+        if height is None or width is None:
+            raise ValueError("decoding a polygon needs height and width")
+        polys = [list(map(float, p)) for p in segm if len(p) >= 6]
+        if not polys:
+            return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return mask_utils.merge(mask_utils.frPyObjects(polys, int(height), int(width)))
+    raise ValueError(f"unsupported segmentation of type {type(segm).__name__}")
+
+
+def decode_mask(rle: Any, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """``bool`` ``H x W`` mask of an RLE (str/bytes/list counts) or polygon list (needs ``height``, ``width``)."""
+    return mask_utils.decode(_to_rle(rle, height, width)).astype(bool)
+
+
+def decode_masks(rles: Sequence[Any], height: int | None = None, width: int | None = None) -> np.ndarray:
+    """``bool`` ``N x H x W`` of several segmentations (all of one size)."""
+    if len(rles) == 0:
+        if height is None or width is None:
+            raise ValueError("decode_masks of an empty list needs height and width")
+        return np.zeros((0, height, width), dtype=bool)
+    objs = [_to_rle(r, height, width) for r in rles]
+    return mask_utils.decode(objs).transpose(2, 0, 1).astype(bool)
+
+
+def mask_to_bbox(mask: Any) -> np.ndarray:
+    """COCO ``[x, y, w, h]`` (float64) of an ``H x W`` mask, or ``N x 4`` for ``N x H x W``; empty -> zeros."""
+    m = _to_numpy(mask) != 0
+    single = m.ndim == 2
+    if single:
+        m = m[None]
+    if m.ndim != 3:
+        raise ValueError(f"mask_to_bbox expects H x W or N x H x W, got shape {m.shape}")
+    n, h, w = m.shape
+    rows = m.any(axis=2)  # N x H
+    cols = m.any(axis=1)  # N x W
+    nonempty = rows.any(axis=1)
+    y0 = rows.argmax(axis=1)
+    y1 = h - 1 - rows[:, ::-1].argmax(axis=1)
+    x0 = cols.argmax(axis=1)
+    x1 = w - 1 - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], axis=1).astype(np.float64)
+    boxes[~nonempty] = 0.0
+    return boxes[0] if single else boxes
+
+
+def mask_area(mask: Any) -> int | np.ndarray:
+    """Foreground pixel count of an ``H x W`` mask (int), or of each of ``N x H x W`` (int64 array)."""
+    m = _to_numpy(mask) != 0
+    if m.ndim == 2:
+        return int(m.sum())
+    return m.reshape(m.shape[0], -1).sum(axis=1).astype(np.int64)
