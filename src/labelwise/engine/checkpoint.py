@@ -1,0 +1,83 @@
+"""Checkpoints: atomic writes, RNG state capture/restore, ``keep_last`` rotation.
+
+Layout: ``RUN_DIR/checkpoints/step_00001000.pt`` (the last ``keep_last`` kept) and
+``RUN_DIR/checkpoints/last.pt`` (always the newest). Each holds the model, optimiser,
+scheduler, GradScaler and EMA teacher states, the RNG states of every rank (python,
+numpy, torch CPU, CUDA) and the data position (``epoch``, ``batch`` within the epoch).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labelwise.errors import LabelwiseError
+from labelwise.io import atomic_save_torch
+
+STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def capture_rng() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: str | Path, state: dict, step: int, keep_last: int) -> Path:
+    """Write ``step_N.pt`` (if ``keep_last`` > 0) and ``last.pt`` atomically; prune old ones."""
+    ckdir = checkpoint_dir(run_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    last = ckdir / "last.pt"
+    if keep_last > 0:
+        path = ckdir / f"step_{step:08d}.pt"
+        atomic_save_torch(path, state)
+        tmp = ckdir / f".last.pt.{os.getpid()}.link"
+        try:  # last.pt as a hard link of the step file, renamed into place (atomic)
+            if tmp.exists():
+                tmp.unlink()
+            os.link(path, tmp)
+            os.replace(tmp, last)
+        except OSError:
+            atomic_save_torch(last, state)
+        steps = sorted((int(m.group(1)), p) for p in ckdir.iterdir() if (m := STEP_RE.match(p.name)))
+        for _, old in steps[:-keep_last]:
+            old.unlink(missing_ok=True)
+    else:
+        atomic_save_torch(last, state)
+    return last
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LabelwiseError(f"{path}: checkpoint not found; train the run first (labelwise train ... --out RUN_DIR)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated / foreign file
+        raise LabelwiseError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart from the "
+                             "previous one") from None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    last = checkpoint_dir(run_dir) / "last.pt"
+    return last if last.is_file() else None

@@ -1,0 +1,46 @@
+"""CLI: ``labelwise train`` errors, help, and ``torchrun --nproc_per_node=2 -m labelwise train`` on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from labelwise.cli import main
+
+
+def test_unknown_set_key_exits_2_naming_closest(tmp_path, capsys):
+    rc = main(["train", "cam", "--data", "voc:/nonexistent", "--out", str(tmp_path / "r"),
+               "--set", "optim.lrr=0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "optim.lr" in err and err.count("\n") == 1
+
+
+def test_unknown_preset_and_method(tmp_path, capsys):
+    assert main(["train", "cam", "--data", "voc:/x", "--out", str(tmp_path / "r"), "--preset", "gpu"]) == 2
+    assert "available presets: cpu, voc" in capsys.readouterr().err
+    assert main(["train", "nope", "--data", "voc:/x", "--out", str(tmp_path / "r")]) == 2
+    assert "available methods" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_ranks_cpu(tmp_path):
+    from labelwise.data.synth import generate
+
+    root = generate("cooc", tmp_path / "c", n_train=8, n_val=2, size=32, seed=2)
+    env = {**os.environ, "LABELWISE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "labelwise", "train", "cam",
+           "--data", f"voc:{root}", "--out", str(tmp_path / "run"), "--steps", "2", "--set",
+           "model.backbone=vit_tiny_test", "model.pretrained=false", "data.crop_size=32", "train.batch_size=2",
+           "train.log_every=1"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "run/run.json").read_text())["world_size"] == 2
+    log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2]
+    assert "val_miou" in json.loads((tmp_path / "run/metrics.json").read_text())["final"]

@@ -1,0 +1,175 @@
+"""Engine mechanism tests on the tiny ``_toy`` method: resume, DDP equivalence, schedules,
+parameter groups, config errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+import labelwise.engine.testing  # noqa: F401  (registers _toy)
+from labelwise.engine import api
+from labelwise.engine.checkpoint import load_checkpoint
+from labelwise.engine.config import OptimConfig
+from labelwise.engine.data import ShardedSampler
+from labelwise.engine.optim import build_param_groups, lr_factor
+from labelwise.errors import LabelwiseError
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    torch.set_num_threads(1)
+
+
+def _params(run):
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_crash_is_bit_identical(tmp_path):
+    common = dict(method="_toy", data="toy:x", overrides=["model.noise=0.1", "train.max_steps=9",
+                                                          "train.ckpt_every=2", "optim.warmup_steps=3",
+                                                          "n_images=10"], show_progress=False)
+    ref = api.train(out=tmp_path / "ref", **common)
+
+    def crash_at_5(trainer, step):
+        if step == 5:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        api.train(out=tmp_path / "run", hooks=[crash_at_5], **common)
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["step"] == 4
+    # resume without repeating the flags: the saved config is reused
+    api.train("_toy", "toy:x", tmp_path / "run", show_progress=False)
+    _assert_identical(_params(ref), _params(tmp_path / "run"))
+    a, b = load_checkpoint(ref / "checkpoints/last.pt"), load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert (a["epoch"], a["batch_in_epoch"]) == (b["epoch"], b["batch_in_epoch"])  # 10 imgs / 4 = 2 per epoch
+    assert a["epoch"] == 4
+    # the log holds each step exactly once with identical losses
+    la = [json.loads(x) for x in (ref / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lb] == list(range(1, 10))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    # keep_last=2 step files + last.pt
+    names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert names == ["last.pt", "step_00000008.pt", "step_00000009.pt"]
+
+
+def test_extend_max_steps_continues_exactly(tmp_path):
+    sets = ["model.noise=0.1", "optim.schedule=constant", "n_images=12"]
+    ref = api.train("_toy", "toy:x", tmp_path / "ref", overrides=sets, steps=7, show_progress=False)
+    run = api.train("_toy", "toy:x", tmp_path / "run", overrides=sets, steps=4, show_progress=False)
+    assert load_checkpoint(run / "checkpoints/last.pt")["step"] == 4
+    api.train("_toy", "toy:x", run, overrides=sets, steps=7, show_progress=False)
+    _assert_identical(_params(ref), _params(run))
+    assert "max_steps: 7" in (run / "config.yaml").read_text()
+    # a finished run is left alone
+    api.train("_toy", "toy:x", run, show_progress=False)
+    assert load_checkpoint(run / "checkpoints/last.pt")["step"] == 7
+
+
+def test_resume_with_different_config_is_an_error(tmp_path):
+    api.train("_toy", "toy:x", tmp_path / "run", steps=2, show_progress=False)
+    with pytest.raises(LabelwiseError, match="optim.lr"):
+        api.train("_toy", "toy:x", tmp_path / "run", overrides=["optim.lr=0.5"], show_progress=False)
+    with pytest.raises(LabelwiseError, match="trained on"):
+        api.train("_toy", "toy:y", tmp_path / "run", show_progress=False)
+
+
+def test_unknown_set_key_names_closest(tmp_path):
+    with pytest.raises(LabelwiseError, match="optim.weight_decay"):
+        api.train("_toy", "toy:x", tmp_path / "r", overrides=["optim.weight_decya=0.1"], show_progress=False)
+    with pytest.raises(LabelwiseError, match="train.amp"):
+        api.train("_toy", "toy:x", tmp_path / "r", overrides=["train.amp=fp8"], show_progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_method_lists_methods():
+    from labelwise.methods import get_method
+
+    with pytest.raises(LabelwiseError, match="available methods:.*cam"):
+        get_method("camm")
+
+
+def test_sampler_shards_are_the_global_batch():
+    single = ShardedSampler(11, 4, seed=5)
+    ranks = [ShardedSampler(11, 2, rank=r, world_size=2, seed=5) for r in range(2)]
+    for epoch in (0, 1):
+        for s in [single, *ranks]:
+            s.set_position(epoch)
+        g = list(single)
+        parts = [list(r) for r in ranks]
+        for t in range(single.batches_per_epoch):
+            glob = sorted(g[4 * t: 4 * t + 4])
+            dd = sorted(parts[0][2 * t: 2 * t + 2] + parts[1][2 * t: 2 * t + 2])
+            assert glob == dd
+    assert [x for x, _ in single] != list(range(8))  # shuffled
+    # a different epoch reshuffles; mid-epoch start skips whole batches
+    single.set_position(0)
+    e0 = list(single)
+    single.set_position(1)
+    assert list(single) != e0
+    single.set_position(0, 1)
+    assert list(single) == e0[4:]
+
+
+def test_lr_schedule_and_param_groups():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, warmup_init_lr=0.1, schedule="poly", poly_power=1.0)
+    assert lr_factor(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_factor(5, cfg, 110) == pytest.approx(0.55)
+    assert lr_factor(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, 110) == pytest.approx(0.5)
+    assert lr_factor(110, cfg, 110) == pytest.approx(0.0)
+    cos = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=0)
+    assert lr_factor(50, cos, 100) == pytest.approx(0.5)
+
+    net = labelwise.engine.testing.ToyNet(4)
+    net.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 4))
+    groups = build_param_groups(labelwise.engine.testing.ToyMethod().param_groups(net, None),
+                                OptimConfig(lr=2.0, backbone_lr_mult=0.1, weight_decay=0.05))
+    by = {g["name"]: g for g in groups}
+    assert by["backbone"]["lr"] == pytest.approx(0.2) and by["backbone"]["weight_decay"] == 0.05
+    assert by["backbone_no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in by["backbone_no_decay"]["params"])  # biases
+    assert any(p is net.pos_embed for p in by["head_no_decay"]["params"])
+    assert by["head"]["lr"] == pytest.approx(2.0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    base = ["n_images=16", "optim.warmup_steps=0", "train.max_steps=5", "train.ckpt_every=5"]
+    api.train("_toy", "toy:x", tmp_path / "single", overrides=base + ["train.batch_size=4"], show_progress=False)
+    kwargs = dict(method="_toy", data="toy:x", out=str(tmp_path / "ddp"), overrides=base + ["train.batch_size=2"],
+                  show_progress=False)
+    mp.spawn(labelwise.engine.testing.ddp_worker, args=(2, _free_port(), kwargs), nprocs=2, join=True)
+    a, b = _params(tmp_path / "single"), _params(tmp_path / "ddp")
+    init = None
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # and training actually moved the weights (the comparison is not vacuous)
+    torch.manual_seed(0)
+    init = labelwise.engine.testing.ToyNet(8).state_dict()
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
+    log = [json.loads(x) for x in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "single/log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
+    assert json.loads((tmp_path / "ddp/run.json").read_text())["world_size"] == 2
