@@ -18,7 +18,7 @@ from labelwise.evaluation import SemanticMetric
 def cooc(tmp_path_factory):
     from labelwise.data.synth import generate
 
-    return generate("cooc", tmp_path_factory.mktemp("cooc") / "cooc", n_train=48, n_val=16, size=64, seed=0)
+    return generate("cooc", tmp_path_factory.mktemp("cooc") / "cooc", n_train=128, n_val=24, size=96, seed=0)
 
 
 def _miou(pred_dir, root, split, fill=None):
@@ -38,8 +38,8 @@ def _miou(pred_dir, root, split, fill=None):
 def test_cam_learns_cooc(cooc, tmp_path, monkeypatch):
     monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
     t0 = time.time()
-    run = api.train("cam", f"voc:{cooc}", tmp_path / "run", preset="cpu", steps=40, show_progress=False,
-                    overrides=["data.crop_size=64", "data.scale_range=[1.0,1.0]", "data.flip=true",
+    run = api.train("cam", f"voc:{cooc}", tmp_path / "run", preset="cpu", steps=200, show_progress=False,
+                    overrides=["data.crop_size=96", "data.scale_range=[1.0,1.0]", "data.flip=true",
                                "optim.warmup_steps=5", "train.eval_at_end=false"])
     t_train = time.time() - t0
     api.infer(run, f"voc:{cooc}", "val", tmp_path / "masks", what="masks", overrides=["infer.scales=[1.0,1.5]"])
@@ -48,7 +48,9 @@ def test_cam_learns_cooc(cooc, tmp_path, monkeypatch):
     cam = _miou(tmp_path / "masks", cooc, "val")
     print(f"\ncam cooc val mIoU {cam:.3f} vs all-background {bg:.3f}; train {t_train:.0f}s "
           f"total {time.time() - t0:.0f}s")
-    assert cam > bg + 0.015, (cam, bg)  # measured margin 0.034-0.036 (64 px, 40 steps); ~45% of it
+    # Measured (96 px, 128 train images, 200 steps, scales 1.0+1.5, bg threshold 0.5):
+    # mIoU 0.239 vs 0.088 all-background, a margin of 0.151; assert about half of it.
+    assert cam > bg + 0.075, (cam, bg)
     # seeds: one float16 map per present class at image size, keys = class indices
     from labelwise.data.spec import build_dataset
 
