@@ -1,0 +1,233 @@
+"""Shared pieces of the pseudo-mask generators: feature extraction, method registry,
+mask upsampling / COCO records, and a torch k-means for pseudo classes.
+
+All three methods (OAP, MaskCut, TokenCut) see exactly the same features: the image is
+resized to ``resolution x resolution`` (MaskCut's square resize), normalised with the
+backbone's mean/std, and the backbone's ``keys`` are taken (ViT: last-block attention
+keys; CNN: the last feature map), optionally resampled (bilinear) to a ``grid x grid``
+token map. Masks come back on that token grid and are upsampled to the *original*
+image size by bilinear interpolation of the 0/1 token mask followed by ``> 0.5``
+(a smooth boundary that is exactly the nearest-token mask away from edges).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+
+from labelwise.config import apply_overrides, from_dict, to_dict
+from labelwise.errors import LabelwiseError
+
+__all__ = ["METHODS", "FeatureExtractor", "build_method", "method_config_class", "run_method",
+           "PseudoMasks", "upsample_masks", "mask_records", "kmeans", "encode_embedding", "decode_embedding"]
+
+METHODS = ("oap", "maskcut", "tokencut")
+
+
+# --------------------------------------------------------------------------- features
+class FeatureExtractor:
+    """Images (RGB uint8) -> keys ``(B, h, w, D)`` on ``device``."""
+
+    def __init__(self, backbone: str = "dino_vitb8", weights: str | None = None, resolution: int = 448,
+                 device: Any = "cpu", grid: int | None = None, random_init: bool = False):
+        from labelwise.modeling.backbones import create_backbone
+        from labelwise.modeling.backbones.registry import resolve_name
+
+        resolve_name(backbone)                              # unknown name -> one-line error
+        if weights is None and not random_init and backbone.startswith("dino_"):
+            raise LabelwiseError(f"backbone '{backbone}' needs --weights PATH (a DINO checkpoint such as "
+                                 "dino_vitbase8_pretrain.pth); or use --backbone efficientnet_lite0, whose "
+                                 "ImageNet weights ship with labelwise")
+        self.name = backbone
+        self.device = torch.device(device)
+        self.resolution = int(resolution)
+        self.grid = grid
+        self.bb = create_backbone(backbone, pretrained=(weights is None and not random_init), weights=weights)
+        self.bb.eval().to(self.device)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        r = self.resolution
+        xs = []
+        for img in images:                                  # per-image resize (sizes differ)
+            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255.0)[None]
+            xs.append(Fn.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True))
+        x = torch.cat(xs).to(self.device)
+        return self.bb.normalize(x)
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        keys = self.bb(self.preprocess(images), return_keys=True).keys
+        return resize_keys(keys.float(), self.grid)
+
+
+def resize_keys(keys: torch.Tensor, grid: int | None) -> torch.Tensor:
+    """Bilinear resampling of ``(B, h, w, D)`` keys to ``grid x grid`` (no-op for None)."""
+    if grid is None or tuple(keys.shape[1:3]) == (grid, grid):
+        return keys
+    x = Fn.interpolate(keys.permute(0, 3, 1, 2), size=(grid, grid), mode="bilinear", align_corners=False)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+# --------------------------------------------------------------------------- methods
+def method_config_class(method: str) -> type:
+    if method == "oap":
+        from labelwise.methods.oap.pooling import OAPConfig
+        return OAPConfig
+    if method == "maskcut":
+        from labelwise.pseudo.maskcut import MaskCutConfig
+        return MaskCutConfig
+    if method == "tokencut":
+        from labelwise.pseudo.tokencut import TokenCutConfig
+        return TokenCutConfig
+    raise LabelwiseError(f"unknown pseudo-mask method '{method}'; use one of {', '.join(METHODS)}")
+
+
+def build_method(method: str, overrides: Sequence[str] = (), backbone: str | None = None,
+                 params: dict | None = None) -> Callable:
+    """A callable ``keys (B,h,w,D) -> list[PseudoMasks]`` for ``method`` with ``--set`` overrides."""
+    cls = method_config_class(method)
+    data = apply_overrides(params or {}, overrides, cls)
+    cfg = from_dict(cls, data, source="--set")
+    if method == "oap":
+        from labelwise.methods.oap.pooling import OnlineAgglomerativePooling
+
+        if "center_features" not in data and backbone is not None and not _is_vit_name(backbone):
+            cfg.center_features = True                     # CNN features: centring helps (method notes)
+        impl = OnlineAgglomerativePooling(cfg)
+    elif method == "maskcut":
+        from labelwise.pseudo.maskcut import MaskCut
+        impl = MaskCut(cfg, backbone=backbone)
+    else:
+        from labelwise.pseudo.tokencut import TokenCut
+        impl = TokenCut(cfg, backbone=backbone)
+
+    def run(keys: torch.Tensor) -> list[PseudoMasks]:
+        return run_method(impl, keys)
+
+    run.impl = impl  # type: ignore[attr-defined]
+    run.config = to_dict(cfg)  # type: ignore[attr-defined]
+    return run
+
+
+def _is_vit_name(name: str) -> bool:
+    return any(s in name for s in ("vit", "dino", "deit"))
+
+
+@dataclass
+class PseudoMasks:
+    """Token-level masks of one image, any method."""
+
+    masks: torch.Tensor       # (K, h, w) bool
+    scores: torch.Tensor      # (K,)
+    levels: list[str]         # "instance" | "semantic" per mask
+    layers: torch.Tensor      # (K,) OAP layer / MaskCut round
+    embeddings: torch.Tensor  # (K, D) L2-normalised mask embeddings
+
+
+def run_method(impl: Any, keys: torch.Tensor) -> list[PseudoMasks]:
+    from labelwise.methods.oap.pooling import OnlineAgglomerativePooling
+
+    out = []
+    if isinstance(impl, OnlineAgglomerativePooling):
+        for r in impl(keys):
+            sets = [(lvl, r.level(lvl)) for lvl in ("instance", "semantic")]
+            out.append(PseudoMasks(
+                masks=torch.cat([s.masks for _, s in sets]).cpu(),
+                scores=torch.cat([s.scores for _, s in sets]).float().cpu(),
+                levels=[lvl for lvl, s in sets for _ in range(len(s))],
+                layers=torch.cat([s.layers for _, s in sets]).cpu(),
+                embeddings=torch.cat([s.features for _, s in sets]).float().cpu()))
+        return out
+    feats = Fn.normalize(keys.float(), dim=-1).cpu()
+    for b, r in enumerate(impl(keys)):
+        m = r["masks"].bool()
+        emb = torch.einsum("khw,hwd->kd", m.float(), feats[b]) / m.flatten(1).sum(1).clamp(min=1)[:, None]
+        out.append(PseudoMasks(masks=m, scores=r["scores"].float(), levels=[r["level"]] * len(m),
+                               layers=r["layers"], embeddings=Fn.normalize(emb, dim=-1)))
+    return out
+
+
+# --------------------------------------------------------------------------- masks -> records
+def upsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Token masks (K, h, w) -> image masks (K, H, W) bool: bilinear of the 0/1 mask, then > 0.5."""
+    if masks.shape[0] == 0:
+        return np.zeros((0,) + tuple(size), dtype=bool)
+    up = Fn.interpolate(masks[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return (up[:, 0] > 0.5).numpy()
+
+
+def _bboxes(masks: np.ndarray) -> np.ndarray:
+    rows, cols = masks.any(2), masks.any(1)
+    H, W = masks.shape[1:]
+    y0 = rows.argmax(1)
+    y1 = H - 1 - rows[:, ::-1].argmax(1)
+    x0 = cols.argmax(1)
+    x1 = W - 1 - cols[:, ::-1].argmax(1)
+    box = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], 1).astype(np.float64)
+    box[~rows.any(1)] = 0
+    return box
+
+
+def encode_embedding(v: torch.Tensor) -> str:
+    return base64.b64encode(v.numpy().astype(np.float16).tobytes()).decode("ascii")
+
+
+def decode_embedding(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype=np.float16).astype(np.float32)
+
+
+def mask_records(pm: PseudoMasks, image_masks: np.ndarray, keep: np.ndarray | None = None) -> list[dict]:
+    """COCO result records (without image ids) for the image-resolution masks of one image."""
+    from labelwise.masks import encode_masks
+
+    idx = np.arange(len(image_masks)) if keep is None else np.nonzero(keep)[0]
+    idx = idx[image_masks[idx].reshape(len(idx), -1).any(1)] if len(idx) else idx
+    if len(idx) == 0:
+        return []
+    ms = image_masks[idx]
+    rles = encode_masks(ms)
+    boxes = _bboxes(ms)
+    areas = ms.reshape(len(ms), -1).sum(1)
+    return [{"category_id": 1, "segmentation": rle, "score": round(float(pm.scores[k]), 6),
+             "bbox": [float(v) for v in box], "area": int(a), "level": pm.levels[k], "layer": int(pm.layers[k]),
+             "embedding": encode_embedding(pm.embeddings[k])}
+            for k, rle, box, a in zip(idx.tolist(), rles, boxes, areas)]
+
+
+# --------------------------------------------------------------------------- k-means
+def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means (cosine) with k-means++ seeding; returns (labels (n,), centres (k, d)).
+
+    Vectorised over points; the only loops are over k-means++ picks and Lloyd iterations.
+    A ``torch.Generator`` seeds it (the global RNG is untouched).
+    """
+    x = Fn.normalize(x.float(), dim=-1)
+    n = x.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(k, x.shape[1])
+    k = min(k, n)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    first = int(torch.randint(n, (1,), generator=g))
+    centres = [x[first]]
+    d2 = (2 - 2 * x @ x[first]).clamp(min=0)
+    for _ in range(1, k):                                   # k-means++ picks
+        p = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full((n,), 1.0 / n)
+        nxt = int(torch.multinomial(p.cpu(), 1, generator=g))
+        centres.append(x[nxt])
+        d2 = torch.minimum(d2, (2 - 2 * x @ x[nxt]).clamp(min=0))
+    c = torch.stack(centres)
+    labels = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):                                  # Lloyd iterations
+        new = (x @ c.t()).argmax(1)
+        sums = torch.zeros_like(c).index_add_(0, new, x)
+        cnt = torch.bincount(new, minlength=k)
+        c = torch.where(cnt[:, None] > 0, Fn.normalize(sums, dim=-1), c)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels, c

@@ -1,0 +1,177 @@
+"""Pseudo-mask generation: records, sharding + resume, skipped report, k-means, CLI errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from labelwise import dist
+from labelwise.errors import LabelwiseError
+from labelwise.io import write_image
+from labelwise.masks import decode_mask
+from labelwise.pseudo import runner
+from labelwise.pseudo.common import FeatureExtractor, kmeans, upsample_masks
+
+
+def _images(root, n=5):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = np.full((40 + 4 * i, 48, 3), 30, np.uint8)
+        img[5:25, 8:30] = (220, 40, 40)
+        img += rng.integers(0, 20, img.shape, dtype=np.uint8)
+        sub = root / ("sub" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        write_image(sub / f"im{i}.png", img)
+    return root
+
+
+class CountingExtractor:
+    """The same random tiny ViT for every run (deterministic), counting processed images."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.fe = FeatureExtractor("vit_tiny_test", resolution=64, random_init=True)
+        self.seen = 0
+
+    def __call__(self, imgs):
+        self.seen += len(imgs)
+        return self.fe(imgs)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return CountingExtractor()
+
+
+def _gen(images, out, ex, **kw):
+    return runner.generate("oap", images, out, backbone="vit_tiny_test", batch_size=2, extractor=ex,
+                           overrides=["min_area=2"], **kw)
+
+
+def test_records_follow_the_contract(tmp_path, extractor):
+    images = _images(tmp_path / "imgs")
+    out = tmp_path / "oap.json"
+    summary = _gen(images, out, extractor)
+    res = json.loads(out.read_text())
+    assert summary["images"] == 5 and summary["masks"] == len(res) > 0
+    names = {"im0.png", "sub/im1.png", "im2.png", "sub/im3.png", "im4.png"}
+    assert {r["file_name"] for r in res} <= names
+    ids = {r["file_name"]: r["image_id"] for r in res}
+    assert ids.get("im0.png", 1) == 1                                   # 1-based index in sorted listing
+    for r in res:
+        assert r["level"] in ("instance", "semantic")
+        m = decode_mask(r["segmentation"])
+        assert m.sum() == r["area"] > 0
+        ys, xs = np.nonzero(m)
+        assert r["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert "embedding" not in r
+    assert not runner.parts_dir(out).exists()
+
+
+def test_sharded_and_resumed_equal_single_run(tmp_path, extractor, monkeypatch):
+    images = _images(tmp_path / "imgs")
+    single = tmp_path / "single.json"
+    _gen(images, single, extractor)
+    ref = json.loads(single.read_text())
+
+    # two ranks, rank 1 first (it does not merge), then rank 0 (merges all shards)
+    sharded = tmp_path / "sharded.json"
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    for rank in (1, 0):
+        monkeypatch.setattr(dist, "get_rank", lambda r=rank: r)
+        _gen(images, sharded, extractor)
+        if rank == 1:
+            assert not sharded.exists()
+            lines = (runner.parts_dir(sharded) / "shard-00001.jsonl").read_text().splitlines()
+            assert len(lines) == 2                                     # images 1 and 3 of 5
+    assert json.loads(sharded.read_text()) == ref
+    monkeypatch.undo()
+
+    # interrupted run: one finished image plus a truncated line; the rerun redoes only the rest
+    resumed = tmp_path / "resumed.json"
+    _gen(images, resumed, extractor, keep_parts=True)
+    pdir = runner.parts_dir(resumed)
+    shard = pdir / "shard-00000.jsonl"
+    first = shard.read_text().splitlines()[0]
+    shard.write_text(first + "\n" + first[: len(first) // 2])
+    resumed.unlink()
+    before = extractor.seen
+    _gen(images, resumed, extractor)
+    assert extractor.seen - before == 4
+    assert json.loads(resumed.read_text()) == ref
+
+    # a leftover parts folder from other settings is refused
+    other = tmp_path / "other.json"
+    _gen(images, other, extractor, keep_parts=True)
+    with pytest.raises(LabelwiseError, match="other settings"):
+        runner.generate("oap", images, other, backbone="vit_tiny_test", extractor=extractor,
+                        overrides=["min_area=3"])
+
+
+def test_unreadable_images_are_reported_not_fatal(tmp_path, extractor):
+    images = _images(tmp_path / "imgs", n=2)
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "o.json"
+    summary = _gen(images, out, extractor)
+    assert summary["skipped"] == 1 and summary["images"] == 2
+    rep = runner.skipped_path(out).read_text()
+    assert rep.startswith("broken.jpg\t")
+    assert all(r["file_name"] != "broken.jpg" for r in json.loads(out.read_text()))
+
+
+def test_clusters_and_cluster_maps(tmp_path, extractor):
+    images = _images(tmp_path / "imgs", n=3)
+    out = tmp_path / "c.json"
+    _gen(images, out, extractor, clusters=2)
+    res = json.loads(out.read_text())
+    assert {r["category_id"] for r in res} <= {1, 2}
+    n = runner.write_cluster_maps(out, images, tmp_path / "maps")
+    assert n >= 1 and any((tmp_path / "maps").rglob("*.png"))
+
+
+def test_kmeans_separates_groups_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 16)
+    x = torch.cat([c + 0.05 * torch.randn(30, 16, generator=g) for c in centres])
+    lab, _ = kmeans(x, 3, seed=1)
+    truth = torch.arange(3).repeat_interleave(30)
+    for k in range(3):                                                 # each group is one cluster
+        assert lab[truth == k].unique().numel() == 1
+    assert lab.unique().numel() == 3
+    state = torch.get_rng_state()
+    assert torch.equal(kmeans(x, 3, seed=1)[0], lab)                   # seeded, reproducible
+    assert torch.equal(torch.get_rng_state(), state)                   # global RNG untouched
+
+
+def test_upsample_masks_bilinear_threshold():
+    m = torch.zeros(1, 4, 4, dtype=torch.bool)
+    m[0, 1:3, 1:3] = True
+    up = upsample_masks(m, (8, 8))[0]
+    assert up[2:6, 2:6].all() and up.sum() == 16
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "labelwise", "pseudo-masks", *args], capture_output=True, text=True,
+                          env={"LABELWISE_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin"}, timeout=120)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _images(tmp_path / "imgs", n=1)
+    cases = [
+        (["oap", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o.json")], "folder not found"),
+        (["oap", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o.json")], "no images"),
+        (["oap", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json"), "--backbone", "resnet5O"],
+         "unknown backbone"),
+        (["maskcut", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json")], "needs --weights"),
+        (["oap", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json"), "--set", "thresholdz=1"],
+         "did you mean"),
+    ]
+    for args, needle in cases:
+        p = _cli(*args)
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("labelwise: error:") and needle in lines[0], p.stderr
