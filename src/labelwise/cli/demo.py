@@ -255,13 +255,20 @@ def run(args) -> int:
     cfg = _run_config(run_dir)
     bg = _find_key(cfg, ("bg_threshold", "background_threshold", "bg_thresh"))
     bg = float(bg) if isinstance(bg, (int, float)) else SEED_BG_THRESHOLD
-    # The cam baseline's pseudo-masks are its seeds thresholded at infer.bg_threshold (argmax over
-    # the tag classes), refined by a dense CRF only if infer.crf is on. Without the CRF, derive them
-    # from the seeds instead of running the multi-scale CAM a second time.
-    derive = _run_method(run_dir) == "cam" and not bool((cfg.get("infer") or {}).get("crf", False))
-    mask_source = (f"CAM seeds thresholded at {bg} (the cam rule without CRF)" if derive
-                   else "labelwise infer --what masks")
-    preds = state.get("preds", {}) if state.get("checkpoint") == ckey else {}
+    # Pseudo-masks are the seeds' label map refined by a dense CRF (label unary with
+    # infer.crf_gt_prob, the IRN/CoBra practice) when pydensecrf2 is installed; without it
+    # they are the thresholded seeds themselves and the report says so.
+    from labelwise.blocks.crf import crf_available
+
+    use_crf = crf_available()
+    derive = _run_method(run_dir) == "cam" and not use_crf
+    mask_source = ("CAM seeds thresholded at {bg}, refined by a dense CRF".format(bg=bg) if use_crf else
+                   f"CAM seeds thresholded at {bg} (no CRF: pip install 'labelwise[crf]' for CRF-refined masks)")
+    if not use_crf:
+        print("      pydensecrf2 is not installed: pseudo-masks = thresholded seeds "
+              "(pip install 'labelwise[crf]' to refine them)", flush=True)
+    fresh = state.get("checkpoint") == ckey and state.get("mask_source") == mask_source
+    preds = state.get("preds", {}) if fresh else {}
     for split in splits:
         ids = _split_ids(data_root, split)
         d = pred_root / split
@@ -274,10 +281,11 @@ def run(args) -> int:
         if derive:  # same rule as infer --what masks: skip a second CAM pass over the split
             seeds_to_masks(d / "seeds", d / "masks", bg)
         else:
-            api.infer(run_dir, spec, split, d / "masks", what="masks")
+            api.infer(run_dir, spec, split, d / "masks", what="masks",
+                      overrides=[f"infer.crf={'true' if use_crf else 'false'}"])
         preds[split] = True
         print(f"      {split}: {n} images", flush=True)
-    state.update(checkpoint=ckey, preds=preds)
+    state.update(checkpoint=ckey, preds=preds, mask_source=mask_source)
     atomic_write_json(out / STATE_FILE, state)
     stages.done()
 
