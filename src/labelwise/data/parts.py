@@ -68,6 +68,19 @@ def _list_split(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     return out
 
 
+def pair_images_with_parts(img_dir: Path, ann_dir: Path, image_suffixes: tuple[str, ...],
+                           fix: str) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Images of a release split and their part PNGs (by id); every image must have one."""
+    images = _list_split(img_dir, image_suffixes)
+    if not images:
+        raise LabelwiseError(f"{img_dir}: no images; the split is empty")
+    parts = _list_split(ann_dir, (".png",))
+    missing = [i for i in images if i not in parts]
+    if missing:
+        raise LabelwiseError(f"{ann_dir}: no part PNG for image {missing[0]!r} ({len(missing)} missing); {fix}")
+    return images, parts
+
+
 class PartsBase(FileDataset):
     """Shared part/object machinery; subclasses set names, ``ids`` and the per-id files."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelwise.data.parts import PartsBase, _list_split, hierarchy_arrays
+from labelwise.data.parts import PartsBase, hierarchy_arrays, pair_images_with_parts
 from labelwise.data.spec import register_format
 from labelwise.errors import LabelwiseError
 from labelwise.io import IGNORE_INDEX
@@ -61,14 +61,8 @@ class PartImageNetDataset(PartsBase):
         lut[:RELEASE_BACKGROUND] = np.arange(1, RELEASE_BACKGROUND + 1)
         lut[RELEASE_BACKGROUND] = 0
         self._release_lut = lut
-        self._images = _list_split(img_dir, (".jpeg", ".jpg", ".png"))
-        if not self._images:
-            raise LabelwiseError(f"{img_dir}: no images; the split is empty")
-        self._parts = _list_split(ann_dir, (".png",))
-        missing = [i for i in self._images if i not in self._parts]
-        if missing:
-            raise LabelwiseError(f"{ann_dir}: no part PNG for image {missing[0]!r} ({len(missing)} missing); "
-                                 "restore the annotations from the release")
+        self._images, self._parts = pair_images_with_parts(img_dir, ann_dir, (".jpeg", ".jpg", ".png"),
+                                                           "restore the annotations from the release")
         self.ids = list(self._images)
         self.image_dir = img_dir
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labelwise.data.parts import PartsBase, _list_split, hierarchy_arrays
+from labelwise.data.parts import PartsBase, hierarchy_arrays, pair_images_with_parts
 from labelwise.data.spec import register_format
 from labelwise.data.voc import VOC_CLASSES
 from labelwise.errors import LabelwiseError
@@ -69,14 +69,8 @@ class PascalPart108Dataset(PartsBase):
             raise LabelwiseError(f"{root / 'img_dir' / split} / {root / 'ann_dir' / split}: split folders not "
                                  "found; point pascalpart: at the Pascal-Part-108 root (img_dir/, ann_dir/)")
         self.image_dir = img_dir
-        self._images = _list_split(img_dir, (".jpg", ".jpeg", ".png"))
-        if not self._images:
-            raise LabelwiseError(f"{img_dir}: no images; the split is empty")
-        self._parts = _list_split(ann_dir, (".png",))
-        missing = [i for i in self._images if i not in self._parts]
-        if missing:
-            raise LabelwiseError(f"{ann_dir}: no part PNG for image {missing[0]!r} ({len(missing)} missing); "
-                                 "restore the annotations")
+        self._images, self._parts = pair_images_with_parts(img_dir, ann_dir, (".jpg", ".jpeg", ".png"),
+                                                           "restore the annotations")
         self.ids = list(self._images)
 
     def image_path(self, index: int) -> Path:
