@@ -21,6 +21,9 @@ def register(subparsers, name: str, help: str) -> None:
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. --set optim.lr=1e-4 train.batch_size=4")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="number of optimisation steps (train.max_steps)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad training items (corrupt image, bad label) with a counted warning and a list "
+                        "in RUN_DIR/skipped.txt, instead of stopping (same as --set data.skip_bad=true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -28,8 +31,9 @@ def register(subparsers, name: str, help: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from labelwise.engine import api
 
+    overrides = list(args.overrides) + (["data.skip_bad=true"] if args.skip_bad else [])
     out = api.train(args.method, args.data, args.out, preset=args.preset, config_files=args.config,
-                    overrides=args.overrides, steps=args.steps, show_progress=not args.no_progress)
+                    overrides=overrides, steps=args.steps, show_progress=not args.no_progress)
     from labelwise import dist
 
     if dist.is_main():

@@ -16,6 +16,9 @@ image/label paths, label checks (size, value range) and derived tags.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import importlib
 import logging
 import warnings
@@ -81,9 +84,29 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     return fmt, Path(path).expanduser()
 
 
+_SKIP_REPORT_DIR: ContextVar[Path | None] = ContextVar("labelwise_skip_report_dir", default=None)
+
+
+@contextmanager
+def skip_report_dir(path: str | Path | None):
+    """Within this block, ``build_dataset(..., skip_bad=True)`` writes ``skipped.txt`` to ``path``
+    unless given a ``report_dir`` (the trainer points it at the run directory)."""
+    token = _SKIP_REPORT_DIR.set(Path(path) if path is not None else None)
+    try:
+        yield
+    finally:
+        _SKIP_REPORT_DIR.reset(token)
+
+
 def build_dataset(spec: str, split: str | None = None, *, skip_bad: bool = False,
                   report_dir: str | Path | None = None) -> SegDataset:
-    """Build split ``split`` (format default when None, usually ``train``) of dataset ``spec``."""
+    """Build split ``split`` (format default when None, usually ``train``) of dataset ``spec``.
+
+    ``skip_bad`` drops unreadable/invalid items with a counted warning and lists them in
+    ``report_dir/skipped.txt`` (default: the :func:`skip_report_dir` in effect, if any).
+    """
+    if report_dir is None:
+        report_dir = _SKIP_REPORT_DIR.get()
     fmt, path = parse_spec(spec)
     cls = FORMATS[fmt]
     if split is None:

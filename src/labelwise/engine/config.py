@@ -55,6 +55,8 @@ class DataConfig:
     train_split: str = param("train", help="split used for training")
     val_split: str = param("val", help="split used for periodic evaluation")
     eval_max_images: int = param(0, range=(0, None), help="cap on images used by periodic evaluation (0 = all)")
+    skip_bad: bool = param(False, help="skip unreadable/invalid training items with a counted warning; "
+                                       "the list goes to RUN_DIR/skipped.txt (default: stop at the first)")
 
     def validate(self) -> None:
         lo, hi = self.scale_range

@@ -68,6 +68,12 @@ class Method:
             return load_yaml(path)
 
     # ------------------------------------------------------------------ training
+    def load_split(self, cfg, spec: str, split: str):
+        """Split ``split`` of ``spec``, honouring ``data.skip_bad``."""
+        from labelwise.data import build_dataset
+
+        return build_dataset(spec, split, skip_bad=cfg.data.skip_bad)
+
     def dataset_info(self, cfg, spec: str):
         """DatasetInfo saved in RUN_DIR/info.json (class names)."""
         from labelwise.data import build_dataset

@@ -103,7 +103,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(tcfg.amp == "fp16"))
         self.autocast, _ = self._amp()
 
-        dataset = method.build_train_dataset(cfg, self.data_spec, self.info)
+        from labelwise.data.spec import skip_report_dir
+
+        with skip_report_dir(self.run_dir if dist.is_main() else None):
+            dataset = method.build_train_dataset(cfg, self.data_spec, self.info)
         self.sampler = ShardedSampler(len(dataset), tcfg.batch_size, rank=self.rank, world_size=self.world,
                                       seed=tcfg.seed)
         if self.sampler.batches_per_epoch == 0:

@@ -120,9 +120,7 @@ class CAMMethod(Method):
         return CAMNet(cfg, info.num_foreground)
 
     def build_train_dataset(self, cfg, spec, info=None):
-        from labelwise.data.spec import build_dataset
-
-        return SeededDataset(build_dataset(spec, cfg.data.train_split), _CamTrainTransform(cfg))
+        return SeededDataset(self.load_split(cfg, spec, cfg.data.train_split), _CamTrainTransform(cfg))
 
     def training_step(self, model, batch, step, ctx: StepContext):
         logits, _ = model(batch["image"])
