@@ -173,3 +173,88 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     ref = [json.loads(x) for x in (tmp_path / "single/log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
     assert json.loads((tmp_path / "ddp/run.json").read_text())["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------- EMA teacher
+class _ToyEMAMethod(labelwise.engine.testing.ToyMethod):
+    """``_toy`` with an EMA teacher on a fast cosine schedule (0.5 -> 1 over the run), so
+    every step's momentum differs and an off-by-one in the step index is visible."""
+
+    name = "_toy_ema"
+    uses_ema = True
+
+    def ema_momentum(self, cfg, step, max_steps):
+        from labelwise.blocks.ema import momentum_schedule
+
+        return momentum_schedule("cosine", base=0.5, final=1.0, total_steps=max_steps)(step)
+
+    def inference_model(self, model, teacher):
+        return teacher.module  # infer with the teacher (as SeCo/OAP do)
+
+
+from labelwise.methods import register_method  # noqa: E402
+
+register_method(_ToyEMAMethod)
+
+
+def _teacher_params(state):
+    return {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+
+
+def test_ema_teacher_follows_hand_rolled_ema_and_resumes_bit_identically(tmp_path):
+    from labelwise.blocks.ema import momentum_schedule
+
+    n_steps = 7
+    common = dict(method="_toy_ema", data="toy:x", show_progress=False,
+                  overrides=["model.noise=0.1", f"train.max_steps={n_steps}", "train.ckpt_every=2",
+                             "optim.warmup_steps=2", "n_images=10"])
+    trajectory = {}  # step -> student parameters (float64) right after that optimizer step
+
+    def record(trainer, step):
+        trajectory[step] = {k: v.detach().double().clone() for k, v in trainer.module.named_parameters()}
+        assert int(trainer.teacher.num_updates) == step
+
+    ref = api.train(out=tmp_path / "ref", hooks=[record], **common)
+    assert sorted(trajectory) == list(range(1, n_steps + 1))
+    state = load_checkpoint(ref / "checkpoints/last.pt")
+    assert state["ema"] is not None and int(state["ema"]["num_updates"]) == n_steps
+    teacher = _teacher_params(state)
+    assert teacher.keys() == state["model"].keys()
+
+    # hand-rolled EMA from the initial student (built under train.seed=0), step index 0-based
+    torch.manual_seed(0)
+    init = {k: v.detach().double() for k, v in labelwise.engine.testing.ToyNet(8).named_parameters()}
+    sched = momentum_schedule("cosine", base=0.5, final=1.0, total_steps=n_steps)
+
+    def hand_ema(index_of):
+        t = dict(init)
+        for s in range(1, n_steps + 1):
+            m = sched(index_of(s))
+            t = {k: m * t[k] + (1.0 - m) * trajectory[s][k] for k in t}
+        return t
+
+    expected = hand_ema(lambda s: s - 1)  # the s-th update uses the momentum of step index s - 1
+    for k in expected:
+        torch.testing.assert_close(teacher[k].double(), expected[k], rtol=0, atol=2e-6)
+    # the check discriminates: off-by-one schedule, the plain student and the init are all far away
+    shifted = hand_ema(lambda s: s)
+    assert max((shifted[k] - expected[k]).abs().max().item() for k in expected) > 1e-3
+    assert max((teacher[k].double() - trajectory[n_steps][k]).abs().max().item() for k in teacher) > 1e-3
+    assert max((teacher[k].double() - init[k]).abs().max().item() for k in teacher) > 1e-3
+
+    # interrupted after step 5 (last checkpoint at 4), resumed: bit-identical teacher and student
+    def crash_at_5(trainer, step):
+        if step == 5:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        api.train(out=tmp_path / "run", hooks=[crash_at_5], **common)
+    mid = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert mid["step"] == 4 and int(mid["ema"]["num_updates"]) == 4
+    api.train("_toy_ema", "toy:x", tmp_path / "run", show_progress=False)
+    resumed = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    _assert_identical(state["ema"], resumed["ema"])
+    _assert_identical(state["model"], resumed["model"])
+    # the inference loader rebuilds the teacher from the checkpoint
+    _, _, _, model = api.load_run(tmp_path / "run", device="cpu")
+    _assert_identical(model.state_dict(), teacher)
