@@ -200,3 +200,40 @@ def test_cc_backends_give_identical_oap_output():
     b = OnlineAgglomerativePooling(cc_backend="scipy")(keys)
     for x, y in zip(a, b):
         assert torch.equal(x.instance.masks, y.instance.masks) and torch.equal(x.semantic.masks, y.semantic.masks)
+
+
+def _assert_same_output(a, b):
+    for x, y in zip(a, b):
+        for lvl in ("instance", "semantic"):
+            p, q = x.level(lvl), y.level(lvl)
+            assert torch.equal(p.masks, q.masks)
+            assert torch.equal(p.layers, q.layers)
+            assert torch.equal(p.persistence, q.persistence) and torch.equal(p.areas, q.areas)
+            torch.testing.assert_close(p.scores, q.scores, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(p.features, q.features, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vote", ["sum", "mean"])
+def test_vote_reuse_equals_full_vote(vote, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    synthetic = torch.stack([_keys(_layout(), seed=1), _keys(_layout().flip(1), seed=2, noise=0.1)])
+    smooth = F.avg_pool2d(torch.randn(2, 16, 20, 20, generator=g), 3, 1, 1).permute(0, 2, 3, 1)
+    smooth[1] = smooth[1].flip(0) * 2 + 0.3 * torch.randn(20, 20, 16, generator=g)   # different content
+    rnd = torch.randn(2, 12, 12, 8, generator=g)
+    voted = []
+    orig = OnlineAgglomerativePooling._vote
+
+    def counting(self, P, *args):
+        voted.append(P.shape[0])
+        return orig(self, P, *args)
+
+    monkeypatch.setattr(OnlineAgglomerativePooling, "_vote", counting)
+    for keys in (synthetic, smooth, rnd):
+        for kw in ({}, {"min_area": 1, "dedup": "all"}):
+            voted.clear()
+            full = OnlineAgglomerativePooling(vote=vote, reuse_votes=False, **kw)(keys)
+            n_full = sum(voted)
+            voted.clear()
+            reuse = OnlineAgglomerativePooling(vote=vote, **kw)(keys)
+            assert sum(voted) < n_full                                     # fewer supernodes voted
+            _assert_same_output(full, reuse)

@@ -26,7 +26,12 @@ Interpretation choices (the paper is loose here; all configurable, see ``OAPConf
   supernodes stay linked) and also links supernodes two hops apart.
 * Eq. 6 (feature update): ``vote="sum"`` (default, literal) uses ``softmax(M_i A / σ) F``
   with binary ``M_i`` — a sum of member affinities, near-argmax for large supernodes;
-  ``vote="mean"`` divides by ``|M_i|`` like Eq. 3.
+  ``vote="mean"`` divides by ``|M_i|`` like Eq. 3. Exact reuse (``reuse_votes``, default on): a
+  supernode whose membership did not change in a merge step (a group of exactly one old node)
+  keeps its previous Eq. 6 feature — its ``M_i`` and hence its vote are unchanged — so the
+  softmax + ``(S x N) x (N x D)`` product runs only on the changed supernodes. At the first layer
+  every node is voted (``V^0 = F`` is not an Eq. 6 vote); a singleton semantic group takes its
+  instance supernode's feature.
 * Collection (Alg. 1 lines 8-13): after each layer every *new* supernode with area
   ``>= min_area`` is an instance mask (the indices in lines 10-11 do not match; this is
   the consistent reading). Semantic pooling: one Identify+Merge step per layer with the
@@ -80,6 +85,7 @@ class OAPConfig:
     score: str = param("contrast", choices=SCORES, help="mask scoring rule (for AP ranking)")
     cc_backend: str = param("auto", choices=("auto", "torch", "scipy"), help="connected-components backend")
     chunk_elems: int = param(1 << 20, range=(1 << 10, None), help="memory chunk for the spatial term")
+    reuse_votes: bool = param(True, help="exact: recompute Eq. 6 only for supernodes whose membership changed")
 
     def validate(self) -> None:
         from labelwise.errors import LabelwiseError
@@ -197,6 +203,30 @@ class OnlineAgglomerativePooling(nn.Module):
         out = torch.bmm(pad, F)[node_img, pos]
         return Fn.normalize(out, dim=-1)
 
+    def _vote_merged(self, P: torch.Tensor, size: torch.Tensor, node_img: torch.Tensor, F: torch.Tensor,
+                     om: torch.Tensor, V_old: torch.Tensor | None) -> torch.Tensor:
+        """Eq. 6 for the supernodes after the merge ``om`` (old node -> new node).
+
+        With ``reuse_votes`` and ``V_old`` given (the old nodes' Eq. 6 features), a new node made
+        of exactly one old node has the same membership ``M_i``, hence the same vote: it keeps
+        ``V_old``; only the changed nodes are voted, batched per image like the full vote
+        (node ids are image-contiguous and ``changed`` is sorted, so ``_positions`` applies)."""
+        B = F.shape[0]
+        S2 = P.shape[0]
+        if V_old is None or not self.cfg.reuse_votes:
+            pos, smax = self._positions(node_img, B)
+            return self._vote(P, size, node_img, pos, F, smax)
+        cnt = torch.bincount(om, minlength=S2)
+        same = torch.nonzero(cnt[om] == 1).squeeze(1)               # old nodes that are a whole new node
+        changed = torch.nonzero(cnt > 1).squeeze(1)
+        V = V_old.new_empty(S2, V_old.shape[1])
+        V[om[same]] = V_old[same]
+        if changed.numel():
+            img = node_img[changed]
+            pos, smax = self._positions(img, B)
+            V[changed] = self._vote(P[changed], size[changed], img, pos, F, smax)
+        return V
+
     # ------------------------------------------------------------------ Eq. 5
     def _update_edges(self, edges: torch.Tensor, c: torch.Tensor, S: int, S_old: int) -> torch.Tensor:
         if edges.numel() == 0:
@@ -291,7 +321,7 @@ class OnlineAgglomerativePooling(nn.Module):
             tok_assign = om[tok_assign]
             edges = self._update_edges(edges, om, S2, S)
             pos, smax = self._positions(node_img, B)
-            V = self._vote(P, size2, node_img, pos, F, smax)
+            V = self._vote_merged(P, size2, node_img, F, om, V if t > 0 else None)   # V^0 = F: vote all
             S, size = S2, size2
             self._record(inst, t, tok_assign, size, P, node_img, V, tok_hash, tok_pos, N)
 
@@ -313,8 +343,7 @@ class OnlineAgglomerativePooling(nn.Module):
                 gsize = segment_sum(size, g, G)
                 gP = segment_sum(P, g, G, weights=size) / gsize[:, None]
                 gimg = torch.zeros(G, dtype=torch.long, device=dev).scatter_(0, g, node_img)
-                gpos, gmax = self._positions(gimg, B)
-                gV = self._vote(gP, gsize, gimg, gpos, F, gmax)
+                gV = self._vote_merged(gP, gsize, gimg, F, g, V)          # singleton group: instance vote
                 self._record(sem, t, g[tok_assign], gsize, gP, gimg, gV, tok_hash, tok_pos, N)
 
         T = len(c.thresholds)
