@@ -7,7 +7,6 @@ This command prints the result as a table (one row per variant) and writes it as
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from labelwise.data.spec import FileDataset, image_header_size, register_format
+from labelwise.data.spec import FileDataset, image_size, register_format
 from labelwise.errors import LabelwiseError
 from labelwise.io import read_image
 
@@ -232,12 +232,7 @@ class COCODataset(FileDataset):
 
     def check_item(self, index: int, decode: bool = False) -> list[tuple[str, str]]:
         path = self.image_path(index)
-        size, reason = image_header_size(path)
-        if reason is None and decode:
-            try:
-                size = read_image(path).shape[:2]
-            except LabelwiseError as e:
-                reason = str(e).split(": ", 1)[-1]
+        size, reason = image_size(path, decode)
         if reason is None:
             reason = self._size_reason(index, size)
         if reason is None:

@@ -153,6 +153,20 @@ class PartsBase(FileDataset):
         return [p for i in range(len(self)) for _, p, _ in self.label_files(i)]
 
 
+class ReleasePartsBase(PartsBase):
+    """A release laid out as an image folder plus a part-PNG folder per split; subclasses set
+    ``image_dir`` and ``_images``/``_parts`` (id -> path, from :func:`pair_images_with_parts`)."""
+
+    def image_path(self, index: int) -> Path:
+        return self._images[self.ids[index]]
+
+    def file_name(self, index: int) -> str:
+        return self.image_path(index).relative_to(self.image_dir).as_posix()
+
+    def part_files(self, index: int) -> Path | None:
+        return self._parts[self.ids[index]]
+
+
 @register_format("parts")
 class PartsDataset(PartsBase):
     """Generic parts layout (see module docstring)."""

@@ -140,6 +140,17 @@ def image_header_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     return (h, w), None
 
 
+def image_size(path: Path, decode: bool = False) -> tuple[tuple[int, int] | None, str | None]:
+    """Like :func:`image_header_size`; with ``decode`` the whole image is decoded (catches truncation)."""
+    size, reason = image_header_size(path)
+    if reason is None and decode:
+        try:
+            size = read_image(path).shape[:2]
+        except LabelwiseError as e:
+            reason = str(e).split(": ", 1)[-1]
+    return size, reason
+
+
 def check_label(path: Path, num_values: int, size: tuple[int, int] | None,
                 label: np.ndarray | None = None) -> str | None:
     """Reason why label PNG ``path`` is bad (size vs ``size``, values >= ``num_values`` other than 255), or None."""
@@ -274,12 +285,7 @@ class FileDataset(SegDataset):
     # ---- checks
     def check_item(self, index: int, decode: bool = False) -> list[tuple[str, str]]:
         img = self.image_path(index)
-        size, reason = image_header_size(img)
-        if reason is None and decode:
-            try:
-                size = read_image(img).shape[:2]
-            except LabelwiseError as e:
-                reason = str(e).split(": ", 1)[-1]
+        size, reason = image_size(img, decode)
         if reason is not None:
             return [(str(img), reason)]
         out = []
@@ -363,6 +369,6 @@ def read_split_file(path: Path, available_dir: Path | None = None) -> list[str]:
 
 __all__ = [
     "FORMATS", "register_format", "available_formats", "parse_spec", "build_dataset", "validate",
-    "skip_bad_items", "FileDataset", "DatasetInfo", "SegDataset", "image_header_size", "check_label",
+    "skip_bad_items", "FileDataset", "DatasetInfo", "SegDataset", "image_header_size", "image_size", "check_label",
     "read_class_names", "read_split_file",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from labelwise import dist
-from labelwise.config import from_dict, load_config, load_yaml, resolve_config, save_config, to_dict
+from labelwise.config import from_dict, load_config, resolve_config, save_config, to_dict
 from labelwise.errors import LabelwiseError
 from labelwise.io import atomic_write_json
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelwise.data.parts import PartsBase, hierarchy_arrays, pair_images_with_parts
+from labelwise.data.parts import ReleasePartsBase, hierarchy_arrays, pair_images_with_parts
 from labelwise.data.spec import register_format
 from labelwise.errors import LabelwiseError
 from labelwise.io import IGNORE_INDEX
@@ -42,7 +42,7 @@ RELEASE_BACKGROUND = 40
 
 
 @register_format("partimagenet")
-class PartImageNetDataset(PartsBase):
+class PartImageNetDataset(ReleasePartsBase):
     """PartImageNet_Seg release (see module docstring)."""
 
     def __init__(self, root: str | Path, split: str = "train"):
@@ -89,15 +89,6 @@ class PartImageNetDataset(PartsBase):
             raise LabelwiseError(f"{path}: label value {int(bad[0]) + RELEASE_BACKGROUND + 1} is not a PartImageNet "
                                  "part (0..39, 40 = background, 255 = ignore); restore the release file")
         return self._release_lut[raw]
-
-    def image_path(self, index: int) -> Path:
-        return self._images[self.ids[index]]
-
-    def file_name(self, index: int) -> str:
-        return self.image_path(index).relative_to(self.image_dir).as_posix()
-
-    def part_files(self, index: int) -> Path | None:
-        return self._parts[self.ids[index]]
 
 
 __all__ = ["PartImageNetDataset", "PARTIMAGENET_PARTS", "SUPERCATEGORIES"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labelwise.data.parts import PartsBase, hierarchy_arrays, pair_images_with_parts
+from labelwise.data.parts import ReleasePartsBase, hierarchy_arrays, pair_images_with_parts
 from labelwise.data.spec import register_format
 from labelwise.data.voc import VOC_CLASSES
 from labelwise.errors import LabelwiseError
@@ -51,7 +51,7 @@ def _first_dir(*cands: Path) -> Path | None:
 
 
 @register_format("pascalpart")
-class PascalPart108Dataset(PartsBase):
+class PascalPart108Dataset(ReleasePartsBase):
     """Pascal-Part-108 release (see module docstring)."""
 
     def __init__(self, root: str | Path, split: str = "train"):
@@ -72,15 +72,6 @@ class PascalPart108Dataset(PartsBase):
         self._images, self._parts = pair_images_with_parts(img_dir, ann_dir, (".jpg", ".jpeg", ".png"),
                                                            "restore the annotations")
         self.ids = list(self._images)
-
-    def image_path(self, index: int) -> Path:
-        return self._images[self.ids[index]]
-
-    def file_name(self, index: int) -> str:
-        return self.image_path(index).relative_to(self.image_dir).as_posix()
-
-    def part_files(self, index: int) -> Path | None:
-        return self._parts[self.ids[index]]
 
 
 __all__ = ["PascalPart108Dataset", "PASCAL_PART108"]
