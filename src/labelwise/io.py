@@ -80,6 +80,17 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def read_json(path: str | Path, missing: str, invalid: str = "not a valid JSON file") -> Any:
+    """Parse a JSON file; a missing or malformed file is a one-line error ``"{path}: {missing|invalid}"``."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelwiseError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LabelwiseError(f"{path}: {invalid}") from None
+
+
 # --------------------------------------------------------------------------- palettes
 
 

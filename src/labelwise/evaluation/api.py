@@ -25,7 +25,6 @@ largest id in the predictions).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 
 from labelwise.dist import get_rank, get_world_size
 from labelwise.errors import LabelwiseError
-from labelwise.io import IGNORE_INDEX, read_label
+from labelwise.io import IGNORE_INDEX, read_json, read_label
 from labelwise.utils import progress
 
 __all__ = ["evaluate", "run_evaluation", "KINDS"]
@@ -90,32 +89,31 @@ def _update_named(path: Path, fn, *args) -> None:
         raise LabelwiseError(f"{path}: {e}") from None
 
 
-def _semantic(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", **_):
-    from labelwise.evaluation.semantic import SemanticMetric
+def _label_maps(kind: str, pred, ds, metric, show: bool, device):
+    """Feed ``PRED/<image_id>.png`` and the ground-truth mask of every image to ``metric``."""
     import torch
 
-    root = _pred_dir(pred, "semantic")
-    metric = SemanticMetric(len(ds.class_names), list(ds.class_names), ignore_index)
-    for i in _iter(_indices(len(ds)), "evaluate semantic", show):
+    root = _pred_dir(pred, kind)
+    for i in _iter(_indices(len(ds)), f"evaluate {kind}", show):
         gt = _gt_mask(ds, i)
         path = root / f"{ds.ids[i]}.png"
         p = _read_pred(path, ds.ids[i], gt.shape)
         _update_named(path, metric.update, torch.from_numpy(p).to(device), torch.from_numpy(gt).to(device))
     return metric.compute(), metric
+
+
+def _semantic(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", **_):
+    from labelwise.evaluation.semantic import SemanticMetric
+
+    metric = SemanticMetric(len(ds.class_names), list(ds.class_names), ignore_index)
+    return _label_maps("semantic", pred, ds, metric, show, device)
 
 
 def _unsupervised(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", num_clusters=None, **_):
     from labelwise.evaluation.unsupervised import UnsupervisedMetric
-    import torch
 
-    root = _pred_dir(pred, "unsupervised")
     metric = UnsupervisedMetric(num_clusters, len(ds.class_names), list(ds.class_names), ignore_index)
-    for i in _iter(_indices(len(ds)), "evaluate unsupervised", show):
-        gt = _gt_mask(ds, i)
-        path = root / f"{ds.ids[i]}.png"
-        p = _read_pred(path, ds.ids[i], gt.shape)
-        _update_named(path, metric.update, torch.from_numpy(p).to(device), torch.from_numpy(gt).to(device))
-    return metric.compute(), metric
+    return _label_maps("unsupervised", pred, ds, metric, show, device)
 
 
 def _parts(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", **_):
@@ -147,12 +145,8 @@ def _load_results(pred: Any) -> list[dict]:
     if isinstance(pred, list):
         return pred
     path = Path(pred)
-    if not path.is_file():
-        raise LabelwiseError(f"{path}: prediction json not found; pass the FILE.json of COCO results")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LabelwiseError(f"{path}: not a valid JSON file; pass a COCO results json") from None
+    data = read_json(path, "prediction json not found; pass the FILE.json of COCO results",
+                     "not a valid JSON file; pass a COCO results json")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -224,13 +218,8 @@ def _panoptic(pred, ds, show=True, score_thresh=None, class_agnostic=False, **_)
     # Predicted (ids, segments) per ground-truth image id, built lazily.
     if pred_path.is_dir():
         pj = pred_path / "panoptic.json"
-        if not pj.is_file():
-            raise LabelwiseError(f"{pj}: not found; a panoptic prediction folder needs panoptic.json with "
-                                 "segments_info and the PNGs it names")
-        try:
-            pdata = json.loads(pj.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LabelwiseError(f"{pj}: not a valid JSON file") from None
+        pdata = read_json(pj, "not found; a panoptic prediction folder needs panoptic.json with "
+                              "segments_info and the PNGs it names")
         anns = pdata.get("annotations") if isinstance(pdata, dict) else None
         if not isinstance(anns, list):
             raise LabelwiseError(f"{pj}: expected {{\"annotations\": [{{file_name, segments_info}}, ...]}}")

@@ -27,13 +27,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
 from labelwise.dist import all_gather_object, get_rank
 from labelwise.errors import LabelwiseError
 from labelwise.evaluation.base import format_table
+from labelwise.io import read_json
 
 __all__ = ["InstanceEvaluator", "load_coco", "match_images"]
 
@@ -49,13 +49,7 @@ def load_coco(gt: Any):
     if isinstance(gt, COCO):
         return gt
     if isinstance(gt, (str, Path)):
-        path = Path(gt)
-        if not path.is_file():
-            raise LabelwiseError(f"{path}: ground-truth COCO json not found")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LabelwiseError(f"{path}: not a valid JSON file") from None
+        data = read_json(gt, "ground-truth COCO json not found")
     elif isinstance(gt, dict):
         data = gt
     else:

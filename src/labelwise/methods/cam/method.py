@@ -97,7 +97,7 @@ def _snap(hw, d: int) -> tuple[int, int]:
     return tuple(max(d, round(v / d) * d) for v in hw)  # type: ignore[return-value]
 
 
-def cams_to_mask(cams: torch.Tensor, keys: np.ndarray, image: np.ndarray, cfg, num_classes: int) -> np.ndarray:
+def cams_to_mask(cams: torch.Tensor, keys: np.ndarray, image: np.ndarray, cfg) -> np.ndarray:
     H, W = image.shape[:2]
     if len(keys) == 0:
         return np.zeros((H, W), np.uint8)
@@ -151,7 +151,7 @@ class CAMMethod(Method):
         for i in range(ctx.rank, n, ctx.world_size):
             item = ds[i]
             cams, keys = image_cams(model, item["image"], item.get("tags"), cfg, scales=[1.0], flip=False)
-            metric.update(cams_to_mask(cams, keys, item["image"], cfg, ctx.info.num_classes), item["mask"])
+            metric.update(cams_to_mask(cams, keys, item["image"], cfg), item["mask"])
         res = metric.compute()
         return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"]}
 
@@ -173,6 +173,6 @@ class CAMMethod(Method):
                                 keys=keys)
             else:
                 write_label(path.with_name(path.name + ".png"),
-                            cams_to_mask(cams, keys, item["image"], cfg, info.num_classes))
+                            cams_to_mask(cams, keys, item["image"], cfg))
         dist.barrier()
         return Path(out)
