@@ -113,7 +113,7 @@ def test_torchvision_resnet_layout(tmp_path):
     bb = create_backbone("resnet18", weights=str(tmp_path / "resnet18-f37072fd.pth")).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        h = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        h = tv.maxpool(tv.relu(tv.bn1(tv.conv1(bb.normalize(x)))))
         l1 = tv.layer1(h)
         l4 = tv.layer4(tv.layer3(tv.layer2(l1)))
         out = bb(x)
@@ -139,7 +139,7 @@ def test_torchvision_convnext_layout(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(clf(x), tv(x), rtol=1e-4, atol=1e-4)
         bb = create_backbone("convnext_tiny", weights=str(tmp_path / "convnext_tv.pth"), **SMALL_CONVNEXT).eval()
-        torch.testing.assert_close(bb(x).tokens, tv.features(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bb(x).tokens, tv.features(bb.normalize(x)), rtol=1e-4, atol=1e-4)
 
 
 def _to_official_convnext(sd):

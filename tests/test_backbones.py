@@ -17,9 +17,10 @@ def vit():
 
 
 def _manual_tokens(bb, x):
-    """Token sequences entering each block and leaving the last one, by hand."""
+    """Token sequences entering each block and leaving the last one, by hand (timm sees the
+    normalised input: the wrapper takes [0, 1] images and applies the backbone's mean/std)."""
     m = bb.model
-    t = m.norm_pre(m._pos_embed(m.patch_embed(x)))
+    t = m.norm_pre(m._pos_embed(m.patch_embed(bb.normalize(x))))
     ins = []
     for blk in m.blocks:
         ins.append(t)
@@ -86,7 +87,7 @@ def test_hooks_do_not_change_outputs_and_are_removed(vit):
     with torch.no_grad():
         plain = vit(x)
         hooked = vit(x, return_attn=True, return_keys=True, return_blocks=(-3, 1))
-        ref = vit.model.forward_features(x)  # timm's own path
+        ref = vit.model.forward_features(vit.normalize(x))  # timm's own path
     assert torch.equal(plain.tokens, hooked.tokens)
     assert torch.equal(plain.cls, hooked.cls)
     torch.testing.assert_close(plain.tokens, ref[:, 1:].transpose(1, 2).reshape(2, -1, 6, 4))
@@ -155,7 +156,9 @@ def test_input_not_multiple_of_patch(vit):
     padded.load_state_dict(vit.state_dict())
     with torch.no_grad():
         out = padded(x)
-        ref = vit(F.pad(x, (0, 7, 0, 2)))
+        # the wrapper pads the *normalised* input with 0, i.e. the image with the mean colour
+        mean = vit.pixel_mean
+        ref = vit(F.pad(x - mean, (0, 7, 0, 2)) + mean)
     assert out.tokens.shape[-2:] == (4, 6)
     torch.testing.assert_close(out.tokens, ref.tokens)
 
@@ -168,7 +171,7 @@ def test_cnn_strides_channels_and_keys():
     with torch.no_grad():
         out = bb(x, return_keys=True, return_blocks=(0, -1))
         m = bb.model
-        l1 = m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(x)))))
+        l1 = m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(bb.normalize(x))))))
     for f, c, s in zip(out.features, bb.channels, bb.strides):
         assert f.shape == (1, c, 64 // s, 96 // s)
     torch.testing.assert_close(out.features[0], l1)
@@ -200,3 +203,54 @@ def test_aliases_resolve_to_timm_models():
         assert timm.is_model(ALIASES[alias].timm_name.split(".")[0]), alias
     assert ALIASES["efficientnet_lite0"].timm_name == "tf_efficientnet_lite0"
     assert resolve_name("vit_small_patch16_224").timm_name == "vit_small_patch16_224"
+
+
+@pytest.mark.parametrize("name,kw", [("efficientnet_lite0", {}), ("resnet18", {}),
+                                     ("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)))])
+def test_cnn_features_match_declared_strides_and_channels(name, kw):
+    # Guards the timm floor: timm 1.0.3-1.0.15 returned ConvNeXt's stem instead of its last stage.
+    torch.manual_seed(0)
+    bb = create_backbone(name, **kw).eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        out = bb(x)
+    assert [(f.shape[1], 64 // f.shape[2]) for f in out.features] == list(zip(bb.channels, bb.strides))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_strides_build_only_the_layers_used(name):
+    torch.manual_seed(0)
+    full = create_backbone(name).eval()
+    torch.manual_seed(0)
+    pruned = create_backbone(name, strides=(8, 16)).eval()
+    assert pruned.strides == [8, 16] and pruned.channels == full.channels[1:3]
+    n_full = sum(p.numel() for p in full.parameters())
+    n_pruned = sum(p.numel() for p in pruned.parameters())
+    assert n_pruned < n_full
+    # the kept parameters keep their upstream names and values
+    sd = full.state_dict()
+    assert all(k in sd and torch.equal(v, sd[k]) for k, v in pruned.state_dict().items())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = full(x), pruned(x)
+    torch.testing.assert_close(b.features[0], a.features[1])
+    torch.testing.assert_close(b.features[1], a.features[2])
+    assert torch.equal(b.tokens, b.features[-1]) and pruned.embed_dim == full.channels[2]
+    # every parameter takes part in a loss on the kept features (what DDP needs)
+    pruned.train()
+    loss = sum(f.square().mean() for f in pruned(x).features)
+    loss.backward()
+    assert all(p.grad is not None for p in pruned.parameters())
+    with pytest.raises(LabelwiseError, match="no feature level at stride"):
+        create_backbone(name, strides=(64,))
+
+
+def test_backbone_normalises_its_own_input():
+    bb = create_backbone("efficientnet_lite0").eval()
+    assert bb.mean == (0.5, 0.5, 0.5) and "pixel_mean" not in bb.state_dict()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        final, _ = bb.model.forward_intermediates((x - 0.5) / 0.5, indices=[4])
+        torch.testing.assert_close(bb(x).tokens, final)
+    vit = create_backbone("dino_vits16", depth=1)
+    assert vit.mean == (0.485, 0.456, 0.406) and torch.allclose(vit.pixel_std.flatten(), torch.tensor(vit.std))

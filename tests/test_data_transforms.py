@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from labelwise.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform,
-                                       RandomHorizontalFlip, ToTensors, TrainTransform, collate)
+from labelwise.data.transforms import (EvalTransform, MultiCropTransform, RandomHorizontalFlip, ToTensors,
+                                       TrainTransform, collate)
 from labelwise.io import VOC_PALETTE
 
-MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+FILL = (0.485, 0.456, 0.406)  # e.g. a backbone's mean colour
 
 
 def colour_item(h=40, w=56):
@@ -25,7 +24,7 @@ def colour_item(h=40, w=56):
 
 
 def denorm(img: torch.Tensor) -> torch.Tensor:
-    return (img * STD + MEAN) * 255
+    return img * 255  # transforms give [0, 1] floats; the model normalises
 
 
 def agreement(img: torch.Tensor, mask: torch.Tensor) -> float:
@@ -43,12 +42,13 @@ def agreement(img: torch.Tensor, mask: torch.Tensor) -> float:
 
 def test_train_transform_keeps_alignment_and_pads_with_ignore():
     g = torch.Generator().manual_seed(0)
-    t = TrainTransform(crop_size=64, scale_range=(0.5, 1.5), flip_p=0.5, jitter=None, generator=g)
-    saw_pad = saw_flip = False
+    t = TrainTransform(crop_size=64, scale_range=(0.5, 1.5), flip_p=0.5, jitter=None, fill=FILL, generator=g)
+    saw_pad = False
     for _ in range(12):
         out = t(colour_item())
         img, mask = out["image"], out["mask"]
         assert img.shape == (3, 64, 64) and img.dtype == torch.float32
+        assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0  # [0, 1]: no normalisation here
         assert mask.shape == (64, 64) and mask.dtype == torch.int64
         assert torch.equal(out["mask"], out["parts"])
         assert agreement(img, mask) > 0.99
@@ -56,14 +56,33 @@ def test_train_transform_keeps_alignment_and_pads_with_ignore():
         pad = mask == 255
         if pad.any():
             saw_pad = True
-            assert img[:, pad].abs().max() < 1e-6  # padded image = 0 after normalisation (mean colour)
+            want = torch.tensor(FILL).view(3, 1)
+            assert (img[:, pad] - want).abs().max() < 1e-6  # padded image = the fill colour
     assert saw_pad
-    # flip: p=1 mirrors image and mask together
+
+
+def test_flip_mirrors_image_and_masks_together_with_probability_p():
+    item = colour_item(40, 40)
+    plain = torch.from_numpy(item["mask"]).long()
+    img = torch.from_numpy(item["image"]).permute(2, 0, 1).float() / 255
     f = RandomHorizontalFlip(1.0)(ToTensors()(colour_item()))
     assert torch.equal(f["mask"], torch.from_numpy(colour_item()["mask"]).long().flip(-1))
     assert torch.equal(f["image"][0], torch.from_numpy(colour_item()["image"][..., 0]).flip(-1))
-    saw_flip = True
-    assert saw_flip
+    # Inside the pipeline (no rescale, crop = image): each output is the item or its mirror, image and
+    # masks alike, and both occur over 40 draws at p = 0.5.
+    g = torch.Generator().manual_seed(0)
+    t = TrainTransform(crop_size=40, scale_range=(1.0, 1.0), flip_p=0.5, jitter=None, generator=g)
+    flips = []
+    for _ in range(40):
+        out = t(colour_item(40, 40))
+        flipped = torch.equal(out["mask"], plain.flip(-1))
+        assert flipped or torch.equal(out["mask"], plain)
+        assert torch.equal(out["parts"], out["mask"])
+        assert torch.allclose(out["image"], img.flip(-1) if flipped else img, atol=1e-6)
+        flips.append(flipped)
+    assert 5 <= sum(flips) <= 35
+    never = TrainTransform(crop_size=40, scale_range=(1.0, 1.0), flip_p=0.0, jitter=None, generator=g)
+    assert all(torch.equal(never(colour_item(40, 40))["mask"], plain) for _ in range(10))
 
 
 def test_generator_gives_reproducible_and_global_rng_untouched():

@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-import labelwise.engine.testing  # noqa: F401  (registers _toy)
+import toy_method  # registers _toy and _toy_staged
 from labelwise.engine import api
 from labelwise.engine.checkpoint import load_checkpoint
 from labelwise.engine.config import OptimConfig
@@ -135,9 +135,9 @@ def test_lr_schedule_and_param_groups():
     cos = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=0)
     assert lr_factor(50, cos, 100) == pytest.approx(0.5)
 
-    net = labelwise.engine.testing.ToyNet(4)
+    net = toy_method.ToyNet(4)
     net.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 4))
-    groups = build_param_groups(labelwise.engine.testing.ToyMethod().param_groups(net, None),
+    groups = build_param_groups(toy_method.ToyMethod().param_groups(net, None),
                                 OptimConfig(lr=2.0, backbone_lr_mult=0.1, weight_decay=0.05))
     by = {g["name"]: g for g in groups}
     assert by["backbone"]["lr"] == pytest.approx(0.2) and by["backbone"]["weight_decay"] == 0.05
@@ -160,14 +160,14 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     api.train("_toy", "toy:x", tmp_path / "single", overrides=base + ["train.batch_size=4"], show_progress=False)
     kwargs = dict(method="_toy", data="toy:x", out=str(tmp_path / "ddp"), overrides=base + ["train.batch_size=2"],
                   show_progress=False)
-    mp.spawn(labelwise.engine.testing.ddp_worker, args=(2, _free_port(), kwargs), nprocs=2, join=True)
+    mp.spawn(toy_method.ddp_worker, args=(2, _free_port(), kwargs), nprocs=2, join=True)
     a, b = _params(tmp_path / "single"), _params(tmp_path / "ddp")
     init = None
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     # and training actually moved the weights (the comparison is not vacuous)
     torch.manual_seed(0)
-    init = labelwise.engine.testing.ToyNet(8).state_dict()
+    init = toy_method.ToyNet(8).state_dict()
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
     log = [json.loads(x) for x in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (tmp_path / "single/log.jsonl").read_text().splitlines()]
@@ -176,7 +176,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------- EMA teacher
-class _ToyEMAMethod(labelwise.engine.testing.ToyMethod):
+class _ToyEMAMethod(toy_method.ToyMethod):
     """``_toy`` with an EMA teacher on a fast cosine schedule (0.5 -> 1 over the run), so
     every step's momentum differs and an off-by-one in the step index is visible."""
 
@@ -188,11 +188,11 @@ class _ToyEMAMethod(labelwise.engine.testing.ToyMethod):
 
         return momentum_schedule("cosine", base=0.5, final=1.0, total_steps=max_steps)(step)
 
-    def inference_model(self, model, teacher):
+    def inference_model(self, model, teacher, state):
         return teacher.module  # infer with the teacher (as SeCo/OAP do)
 
 
-from labelwise.methods import register_method  # noqa: E402
+from labelwise.engine.registry import register_method  # noqa: E402
 
 register_method(_ToyEMAMethod)
 
@@ -223,7 +223,7 @@ def test_ema_teacher_follows_hand_rolled_ema_and_resumes_bit_identically(tmp_pat
 
     # hand-rolled EMA from the initial student (built under train.seed=0), step index 0-based
     torch.manual_seed(0)
-    init = {k: v.detach().double() for k, v in labelwise.engine.testing.ToyNet(8).named_parameters()}
+    init = {k: v.detach().double() for k, v in toy_method.ToyNet(8).named_parameters()}
     sched = momentum_schedule("cosine", base=0.5, final=1.0, total_steps=n_steps)
 
     def hand_ema(index_of):
@@ -256,5 +256,5 @@ def test_ema_teacher_follows_hand_rolled_ema_and_resumes_bit_identically(tmp_pat
     _assert_identical(state["ema"], resumed["ema"])
     _assert_identical(state["model"], resumed["model"])
     # the inference loader rebuilds the teacher from the checkpoint
-    _, _, _, model = api.load_run(tmp_path / "run", device="cpu")
+    model = api.load_run(tmp_path / "run", device="cpu").model
     _assert_identical(model.state_dict(), teacher)

@@ -6,8 +6,8 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from labelwise.methods.oap.graph import cc_scipy, cc_torch, connected_components
-from labelwise.methods.oap.pooling import OnlineAgglomerativePooling, grid_edges
+from labelwise.pseudo.oap.graph import cc_scipy, cc_torch, connected_components
+from labelwise.pseudo.oap.pooling import OnlineAgglomerativePooling, grid_edges
 
 
 def _layout(h=16, w=16):

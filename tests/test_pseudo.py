@@ -36,9 +36,15 @@ class CountingExtractor:
         self.fe = FeatureExtractor("vit_tiny_test", resolution=64, random_init=True)
         self.seen = 0
 
-    def __call__(self, imgs):
-        self.seen += len(imgs)
-        return self.fe(imgs)
+    resolution = 64
+
+    @property
+    def device(self):
+        return self.fe.device
+
+    def features(self, x):
+        self.seen += len(x)
+        return self.fe.features(x)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def extractor():
 
 def _gen(images, out, ex, **kw):
     return runner.generate("oap", images, out, backbone="vit_tiny_test", batch_size=2, extractor=ex,
-                           overrides=["min_area=2"], **kw)
+                           overrides=["oap.min_area=2", "features.num_workers=0"], show_progress=False, **kw)
 
 
 def test_records_follow_the_contract(tmp_path, extractor):
@@ -108,7 +114,7 @@ def test_sharded_and_resumed_equal_single_run(tmp_path, extractor, monkeypatch):
     _gen(images, other, extractor, keep_parts=True)
     with pytest.raises(LabelwiseError, match="other settings"):
         runner.generate("oap", images, other, backbone="vit_tiny_test", extractor=extractor,
-                        overrides=["min_area=3"])
+                        overrides=["oap.min_area=3"])
 
 
 def test_unreadable_images_are_reported_not_fatal(tmp_path, extractor):
@@ -123,13 +129,26 @@ def test_unreadable_images_are_reported_not_fatal(tmp_path, extractor):
 
 
 def test_clusters_and_cluster_maps(tmp_path, extractor):
+    from labelwise.io import list_images, read_label
+
     images = _images(tmp_path / "imgs", n=3)
     out = tmp_path / "c.json"
     _gen(images, out, extractor, clusters=2)
     res = json.loads(out.read_text())
     assert {r["category_id"] for r in res} <= {1, 2}
     n = runner.write_cluster_maps(out, images, tmp_path / "maps")
-    assert n >= 1 and any((tmp_path / "maps").rglob("*.png"))
+    assert n == 3  # one map per image
+    # each map is the semantic-level masks of its image painted by ascending score, cluster id = category - 1
+    for path in list_images(images):
+        name = path.relative_to(images).as_posix()
+        got = read_label(tmp_path / "maps" / (name.rsplit(".", 1)[0] + ".png"))
+        recs = sorted((r for r in res if r["file_name"] == name and r["level"] == "semantic"),
+                      key=lambda r: r["score"])
+        want = np.full(got.shape, 255, np.uint8)
+        for r in recs:
+            want[decode_mask(r["segmentation"]).astype(bool)] = r["category_id"] - 1
+        assert np.array_equal(got, want), name
+        assert recs and (got != 255).any()
 
 
 def test_kmeans_separates_groups_and_is_seeded():
@@ -169,9 +188,46 @@ def test_cli_errors_are_one_line(tmp_path):
         (["maskcut", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json")], "needs --weights"),
         (["oap", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json"), "--set", "thresholdz=1"],
          "did you mean"),
+        (["oap", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json"), "--set", "thresholds=[0.5]"],
+         "did you mean 'oap.thresholds'"),
+        (["oap", "--data", "voc:" + str(tmp_path / "nope"), "--out", str(tmp_path / "o.json")], "nope"),
     ]
     for args, needle in cases:
         p = _cli(*args)
         assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("labelwise: error:") and needle in lines[0], p.stderr
+
+
+def test_set_is_dotted_repeatable_and_reaches_the_method(tmp_path):
+    from labelwise.cli.pseudo_masks import register  # noqa: F401  (the parser under test)
+    from labelwise.cli import build_parser
+
+    args = build_parser(only="pseudo-masks").parse_args(
+        ["pseudo-masks", "oap", "--images", "x", "--out", "o.json", "--set", "oap.vote=mean", "--set",
+         "oap.min_area=7", "features.resolution=96"])
+    assert args.overrides == ["oap.vote=mean", "oap.min_area=7", "features.resolution=96"]  # nothing dropped
+    from labelwise.pseudo.common import resolve_pseudo_config
+
+    cfg = resolve_pseudo_config("oap", args.overrides, {"features": {"backbone": "vit_tiny_test"}})
+    assert cfg.oap.vote == "mean" and cfg.oap.min_area == 7 and cfg.features.resolution == 96
+    assert cfg.oap.center_features is False  # ViT keys are not centred unless asked
+    assert resolve_pseudo_config("oap", [], {"features": {"backbone": "efficientnet_lite0"}}).oap.center_features
+
+
+def test_dataset_spec_input_matches_folder_input(tmp_path, extractor):
+    from labelwise.data.synth import generate
+
+    root = generate("cooc", tmp_path / "c", n_train=2, n_val=3, size=48, seed=0)
+    a = runner.generate_from_spec("oap", f"voc:{root}", "val", tmp_path / "a.json", extractor=extractor,
+                                  backbone="vit_tiny_test", overrides=["oap.min_area=2"], show_progress=False)
+    folder = tmp_path / "val_images"
+    folder.mkdir()
+    for i in (root / "ImageSets/Segmentation/val.txt").read_text().split():
+        (folder / f"{i}.jpg").write_bytes((root / "JPEGImages" / f"{i}.jpg").read_bytes())
+    b = runner.generate("oap", folder, tmp_path / "b.json", extractor=extractor, backbone="vit_tiny_test",
+                        overrides=["oap.min_area=2"], show_progress=False)
+    assert a["images"] == b["images"] == 3
+    ra, rb = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    assert [(r["file_name"], r["segmentation"]["counts"]) for r in ra] == \
+           [(r["file_name"], r["segmentation"]["counts"]) for r in rb]

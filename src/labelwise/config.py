@@ -40,6 +40,7 @@ __all__ = [
     "deep_merge",
     "load_yaml",
     "resolve_config",
+    "absolute_paths",
     "save_config",
     "load_config",
 ]
@@ -47,9 +48,15 @@ __all__ = [
 
 def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
           range: tuple[float | None, float | None] | None = None,
-          choices: Iterable[Any] | None = None, help: str = "") -> Any:
-    """A dataclass field with validation metadata (inclusive ``range``, ``choices``) and help text."""
-    meta = {"range": range, "choices": tuple(choices) if choices is not None else None, "help": help}
+          choices: Iterable[Any] | None = None, path: bool = False, help: str = "") -> Any:
+    """A dataclass field with validation metadata (inclusive ``range``, ``choices``) and help text.
+
+    ``path=True`` marks a file or folder path: :func:`resolve_config` stores it absolute
+    (relative to the working directory), so a saved config means the same file wherever
+    the run is resumed or loaded from.
+    """
+    meta = {"range": range, "choices": tuple(choices) if choices is not None else None, "help": help,
+            "path": path}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     if isinstance(default, (list, dict, set)):
@@ -339,7 +346,21 @@ def resolve_config(cls: type[T], *, layers: Iterable[tuple[str, Mapping[str, Any
         from_dict(cls, deep_merge(merged, layer), source=str(f))
         merged = deep_merge(merged, layer)
     merged = apply_overrides(merged, overrides, cls)
-    return from_dict(cls, merged, source="--set")
+    return absolute_paths(from_dict(cls, merged, source="--set"))
+
+
+def absolute_paths(cfg: Any) -> Any:
+    """Make every ``param(path=True)`` value of ``cfg`` (a dataclass tree) absolute, in place."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            absolute_paths(value)
+        elif f.metadata.get("path") and value:
+            if isinstance(value, (list, tuple)):
+                setattr(cfg, f.name, type(value)(str(Path(v).expanduser().resolve()) for v in value))
+            else:
+                setattr(cfg, f.name, str(Path(value).expanduser().resolve()))
+    return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

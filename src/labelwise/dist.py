@@ -70,6 +70,38 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return work.to(orig_device, orig_dtype)
 
 
+def all_gather_padded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather ``x`` (``n_r x ...``, ``n_r`` may differ per rank) from every rank.
+
+    Returns ``(padded, valid)``: ``padded`` is ``world x n_max x ...`` with each rank's rows
+    first and zeros after them, ``valid`` the ``world x n_max`` bool mask of real rows. Each
+    rank pads to the largest count before the collective, which is what lets ranks enqueue
+    different numbers of items (e.g. only confident embeddings) without a hang. Differentiable
+    for the local rank's rows only (as ``torch.distributed.all_gather``).
+    """
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    if not is_dist() or get_world_size() == 1:
+        return x[None], torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(get_world_size())]
+    dist.all_gather(counts, n)
+    counts_t = torch.cat(counts)
+    n_max = int(counts_t.max())  # one host sync per gather: needed to size the buffers
+    pad = x.new_zeros((n_max - x.shape[0], *x.shape[1:]))
+    local = torch.cat([x, pad]).contiguous()
+    out = [torch.empty_like(local) for _ in range(get_world_size())]
+    dist.all_gather(out, local)
+    valid = torch.arange(n_max, device=x.device)[None] < counts_t[:, None]
+    return torch.stack(out), valid
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` from every rank concatenated in rank order; counts may differ per rank."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    padded, valid = all_gather_padded(x)
+    return padded[valid]
+
+
 def all_gather_object(obj):
     """List of ``obj`` from every rank (``[obj]`` when not distributed)."""
     if not is_dist():

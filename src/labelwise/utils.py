@@ -20,9 +20,19 @@ def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, **
 
 
 def resolve_device(name: str = "auto"):
-    """``auto`` -> cuda when available, else cpu."""
+    """``auto`` -> cuda when available, else cpu. Under ``torchrun`` a bare ``cuda`` (or ``auto``
+    on a GPU machine) means ``cuda:LOCAL_RANK``, so every rank takes its own GPU."""
     import torch
 
+    from labelwise.dist import is_dist
+    from labelwise.errors import LabelwiseError
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LabelwiseError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and dev.index is None and is_dist():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev

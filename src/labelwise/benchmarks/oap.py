@@ -95,7 +95,8 @@ def _images(args, tmp: Path) -> tuple[Path, str, list[Path]]:
 def run(args) -> dict:
     from labelwise.evaluation import evaluate
     from labelwise.io import read_image
-    from labelwise.pseudo.common import FeatureExtractor, build_method, mask_records, upsample_masks
+    from labelwise.pseudo.common import (FeatureExtractor, build_method, mask_records, resolve_pseudo_config,
+                                         upsample_masks)
     from labelwise.utils import resolve_device
 
     device = resolve_device(args.device)
@@ -109,12 +110,13 @@ def run(args) -> dict:
 
         variants = {
             "oap": ("oap", []),
-            "maskcut": ("maskcut", ["solver=dense"]),
-            "maskcut_lanczos": ("maskcut", ["solver=lanczos"]),
-            "tokencut": ("tokencut", ["solver=dense"]),
-            "tokencut_lanczos": ("tokencut", ["solver=lanczos"]),
+            "maskcut": ("maskcut", ["maskcut.solver=dense"]),
+            "maskcut_lanczos": ("maskcut", ["maskcut.solver=lanczos"]),
+            "tokencut": ("tokencut", ["tokencut.solver=dense"]),
+            "tokencut_lanczos": ("tokencut", ["tokencut.solver=lanczos"]),
         }
-        runs = {k: build_method(m, o, backbone=args.backbone) for k, (m, o) in variants.items()}
+        flags = {"features": {"backbone": args.backbone}}
+        runs = {k: build_method(m, resolve_pseudo_config(m, o, flags)) for k, (m, o) in variants.items()}
         for k in variants:
             results[k] = {}
         results["oap_batched"] = {}

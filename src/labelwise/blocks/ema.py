@@ -55,10 +55,10 @@ class EMATeacher(nn.Module):
 
     ``momentum``: a float or ``callable(step) -> float`` (see :func:`momentum_schedule`).
     ``update(student, step=None)`` applies one EMA step; ``step`` defaults to the number of
-    updates done so far. Returns the momentum used. The teacher follows ``.train()`` /
-    ``.eval()`` of its parent like any submodule; in train mode its BatchNorm layers still
-    update their running statistics on teacher forwards (overwritten by the next
-    ``update`` unless ``ema_buffers``), so call ``teacher.eval()`` for frozen statistics.
+    updates done so far. Returns the momentum used. The teacher is always in eval mode,
+    whatever ``.train()`` is called on it or a parent: its targets must not depend on
+    dropout / drop-path draws, and its BatchNorm layers use (and never update) running
+    statistics, which ``update`` copies (or averages with ``ema_buffers``) from the student.
     """
 
     def __init__(self, student: nn.Module, momentum: float | Callable[[int], float] = 0.999,
@@ -67,9 +67,16 @@ class EMATeacher(nn.Module):
         self.module = copy.deepcopy(unwrap_model(student))
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self.module.eval()
         self.momentum = momentum
         self.ema_buffers = ema_buffers
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        # The wrapper's flag follows the caller; the teacher network itself stays in eval mode.
+        self.training = mode
+        self.module.eval()
+        return self
 
     def momentum_at(self, step: int) -> float:
         return float(self.momentum(step)) if callable(self.momentum) else float(self.momentum)

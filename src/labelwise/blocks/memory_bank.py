@@ -5,8 +5,9 @@ stored in registered buffers so it moves with ``.to(device)`` and is saved in
 ``state_dict()`` (checkpoint/resume keeps its contents and write position).
 
 ``enqueue(feats, labels)`` first all-gathers the batch from every rank when
-``torch.distributed`` is initialised (equal batch sizes per rank are required, as in
-MoCo), then writes it at the write pointer with one vectorised index assignment, wrapping
+``torch.distributed`` is initialised (ranks may enqueue different numbers of entries, e.g.
+only their confident ones: :func:`labelwise.dist.all_gather_cat` pads and masks), then
+writes it at the write pointer with one vectorised index assignment, wrapping
 around the end (SeCo Eq. 5: newest in, oldest out). A batch larger than the bank keeps only
 its newest ``size`` entries. ``size`` need not be a multiple of the batch size.
 ``get()`` returns only the filled entries. Unfilled label slots hold -1.
@@ -15,20 +16,11 @@ its newest ``size`` entries. ``size`` need not be a multiple of the batch size.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from labelwise.dist import all_gather_cat
+
 __all__ = ["FIFOQueue"]
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks along dim 0 (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    x = x.contiguous()
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x)
-    return torch.cat(out, dim=0)
 
 
 class FIFOQueue(nn.Module):
@@ -65,7 +57,7 @@ class FIFOQueue(nn.Module):
                              f"labels of shape {tuple(labels.shape)}")
         labels = labels.detach().to(self.labels.device, torch.long).reshape(n, n_fields)
         if self.gather:
-            feats, labels = _gather(feats), _gather(labels)
+            feats, labels = all_gather_cat(feats), all_gather_cat(labels)
             n = feats.shape[0]
         if n == 0:
             return

@@ -22,6 +22,7 @@ COMMANDS = [
     ("infer", "labelwise.cli.infer", "write seeds, pseudo-masks or predictions from a trained run"),
     ("pseudo-masks", "labelwise.cli.pseudo_masks", "unsupervised pseudo-masks (OAP, MaskCut, TokenCut) for a folder of images"),
     ("evaluate", "labelwise.cli.evaluate", "score predictions against ground truth"),
+    ("run", "labelwise.cli.run", "run a recipe: resumable stages (train, infer, evaluate, ...) and a comparison table"),
     ("demo", "labelwise.cli.demo", "end-to-end demo on a synthetic testbed with an HTML report"),
     ("bench", "labelwise.cli.bench", "speed and quality benchmarks"),
 ]
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if not argv else 2
+    if getattr(args, "no_progress", False):
+        import os
+
+        os.environ["LABELWISE_NO_PROGRESS"] = "1"  # every progress bar of this process and its workers
     try:
         return int(args.func(args) or 0)
     except LabelwiseError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from labelwise.cli.common import add_common
 from labelwise.errors import LabelwiseError
 
 
@@ -17,7 +18,8 @@ def register(subparsers, name: str, help: str) -> None:
         name, help=help, description="Score predictions against a ground-truth dataset and print a table.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="prediction layouts:\n"
-               "  semantic      PRED/<image_id>.png class indices (255 = unknown)\n"
+               "  semantic      PRED/<image_id>.png class indices (255 = unknown), or CAM seeds\n"
+               "                PRED/<image_id>.npz with --bg-threshold T\n"
                "  parts         PRED/parts/<image_id>.png and PRED/objects/<image_id>.png\n"
                "  instance      PRED = COCO results json; --gt coco:ROOT\n"
                "  panoptic      PRED = COCO-panoptic folder (panoptic.json + PNGs, id = R+256G+256^2B)\n"
@@ -38,7 +40,10 @@ def register(subparsers, name: str, help: str) -> None:
                    help="panoptic from instance results: drop masks scoring below this")
     p.add_argument("--class-agnostic", action="store_true",
                    help="panoptic: collapse all categories into one 'object' category")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--bg-threshold", type=float, default=None, metavar="T",
+                   help="semantic: score CAM seeds (.npz) as masks: argmax of the present classes, background "
+                        "where the best CAM <= T (a fixed, published threshold -- never tune it on this split)")
+    add_common(p)
     p.set_defaults(func=run)
 
 
@@ -51,8 +56,15 @@ def run(args: argparse.Namespace) -> int:
         raise LabelwiseError(f"--num-clusters must be >= 1, got {args.num_clusters}")
     init_distributed()
     options = {"progress": not args.no_progress}
+    if args.bg_threshold is not None and args.kind != "semantic":
+        raise LabelwiseError("--bg-threshold applies to 'evaluate semantic' (CAM seeds) only")
     if args.kind in ("semantic", "parts", "unsupervised"):
+        from labelwise.utils import resolve_device
+
         options["ignore_index"] = args.ignore_index
+        options["device"] = resolve_device(args.device)
+    if args.kind == "semantic":
+        options["bg_threshold"] = args.bg_threshold
     if args.kind == "instance":
         options.update(class_aware=args.class_aware, max_dets=args.max_dets)
     if args.kind == "panoptic":

@@ -1,29 +1,45 @@
-"""``labelwise infer RUN_DIR --data SPEC --split SPLIT --out PRED_DIR [--what seeds|masks|segmentation|parts]``.
+"""``labelwise infer RUN_DIR --data SPEC --split SPLIT --out PRED_DIR [--what OUT[,OUT...]]``.
 
 Everything about the model comes from ``RUN_DIR`` (``config.yaml``, ``run.json``,
-``info.json``, ``checkpoints/last.pt``); inference settings of the config (``infer.*``)
-can be changed for this call with ``--set infer.key=value``.
+``info.json``, ``checkpoints/last.pt``); no pretrained-weights file is needed. Inference
+settings (``infer.*``) can be changed for this call with ``--set infer.key=value``.
+Several outputs are written in one pass (``--what seeds,masks`` computes the CAMs once);
+images whose outputs already exist are skipped, so an interrupted call resumes. Under
+``torchrun`` each rank predicts its shard.
 """
 
 from __future__ import annotations
 
 import argparse
 
-WHATS = ("seeds", "masks", "segmentation", "parts")
+from labelwise.cli.common import add_common, add_set
+
+EPILOG = """outputs (what a method declares; see labelwise train METHOD --help for its list):
+  seeds         PRED_DIR/<image_id>.npz  CAMs (float16 K x H x W) and their class indices
+  masks         PRED_DIR/<image_id>.png  pseudo-masks (class indices, 255 = ignore)
+  segmentation  PRED_DIR/<image_id>.png  semantic segmentation
+  parts         PRED_DIR/parts/<image_id>.png and PRED_DIR/objects/<image_id>.png
+  universal     PRED_DIR/universal.json  COCO results (instance + semantic level)
+
+example:
+  labelwise infer runs/cam --data voc:data/cooc --split train --out pred/train --what seeds,masks"""
 
 
 def register(subparsers, name: str, help: str) -> None:
-    p = subparsers.add_parser(name, help=help, description=help + ".")
+    p = subparsers.add_parser(name, help=help, description=__doc__.split("\n\n")[1].replace("``", ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'labelwise train'")
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset FORMAT:PATH")
     p.add_argument("--split", required=True, metavar="SPLIT", help="split to predict (e.g. train, val)")
     p.add_argument("--out", required=True, metavar="PRED_DIR", help="output folder")
-    p.add_argument("--what", choices=WHATS, default=None,
-                   help="seeds (CAM .npz), masks (pseudo-mask PNGs), segmentation, parts; default: the method's first")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override inference settings of the saved config (infer.* keys only)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--what", default=None, metavar="OUT[,OUT...]",
+                   help="one or several outputs the method declares, comma-separated (default: its first)")
+    add_set(p, help="override inference settings of the saved config (infer.* keys only), e.g. "
+                    "--set infer.crf=true infer.batch_size=8")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint to load (default: the run's last.pt)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="list unreadable images in PRED_DIR/skipped.txt instead of stopping")
+    add_common(p)
     p.set_defaults(func=run)
 
 
@@ -31,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from labelwise import dist
     from labelwise.engine import api
 
-    dist.init_distributed()
     out = api.infer(args.run_dir, args.data, args.split, args.out, what=args.what, device=args.device,
-                    overrides=args.overrides, checkpoint=args.checkpoint)
+                    overrides=args.overrides, checkpoint=args.checkpoint, skip_bad=args.skip_bad,
+                    show_progress=not args.no_progress)
     if dist.is_main():
         print(f"labelwise: predictions written to {out}")
     return 0

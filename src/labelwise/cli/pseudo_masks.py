@@ -1,27 +1,30 @@
-"""``labelwise pseudo-masks {oap,maskcut,tokencut} --images DIR --out FILE.json``.
+"""``labelwise pseudo-masks {oap,maskcut,tokencut} (--images DIR | --data SPEC [--split S]) --out FILE.json``.
 
-Unsupervised pseudo-masks for any folder of images, as a COCO results json (RLE masks
-with ``file_name`` relative to ``--images``, ``image_id``, ``score`` and ``level``).
-Runs under ``torchrun`` (each rank takes ``images[rank::world]``); interrupted runs
-resume from ``FILE.json.parts/`` (see :mod:`labelwise.pseudo.runner`).
+Unsupervised pseudo-masks for any folder of images or dataset split, as a COCO results json
+(RLE masks with ``file_name`` relative to the image root, ``image_id``, ``score`` and
+``level``). Runs under ``torchrun`` (each rank takes its share of the images); interrupted
+runs resume from ``FILE.json.parts/`` (see :mod:`labelwise.pseudo.runner`).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from labelwise.cli.common import add_common, add_set
 from labelwise.errors import LabelwiseError
 
 EPILOG = """examples:
   labelwise pseudo-masks oap --images imgs/ --out oap.json --backbone efficientnet_lite0
+  labelwise pseudo-masks oap --data coco:data/objects --split val --out oap.json --backbone efficientnet_lite0
   labelwise pseudo-masks maskcut --images imgs/ --out mc.json --weights dino_vitbase8_pretrain.pth
   labelwise pseudo-masks oap --images imgs/ --out oap.json --backbone efficientnet_lite0 \\
-      --set thresholds=[0.9,0.8,0.7] vote=mean --clusters 27 --cluster-maps maps/
+      --set oap.thresholds=[0.9,0.8,0.7] oap.vote=mean --clusters 27 --cluster-maps maps/
   torchrun --nproc_per_node=4 -m labelwise pseudo-masks oap --images imgs/ --out oap.json --weights W.pth
 
---set keys: oap: thresholds sigma w_f w_s min_area vote edge_update semantic_pooling
-  center_features dedup dedup_iou score cc_backend; maskcut: tau eps rounds solver center crf
-  fill_holes crf_iou max_iou min_area_frac; tokencut: tau eps solver center.
+--set keys (dotted): oap.{thresholds,sigma,w_f,w_s,min_area,vote,edge_update,semantic_pooling,
+  center_features,dedup,dedup_iou,score,cc_backend}; maskcut.{tau,eps,rounds,solver,center,crf,
+  fill_holes,crf_iou,max_iou,min_area_frac}; tokencut.{tau,eps,solver,center};
+  features.{backbone,weights,resolution,grid,batch_size,num_workers}; levels; cluster.{k,seed}.
 unreadable images are listed in FILE.skipped.txt (not fatal)."""
 
 
@@ -29,29 +32,33 @@ def register(subparsers, name: str, help: str) -> None:
     p = subparsers.add_parser(name, help=help, description=__doc__.split("\n\n")[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("method", choices=["oap", "maskcut", "tokencut"], help="pseudo-mask generator")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", metavar="DIR", help="folder of images (searched recursively)")
+    src.add_argument("--data", metavar="SPEC", help="a dataset FORMAT:PATH instead of a folder (with --split)")
+    p.add_argument("--split", default=None, help="with --data: the split (default: the format's default)")
     p.add_argument("--out", required=True, metavar="FILE.json", help="COCO results json to write")
-    p.add_argument("--backbone", default="dino_vitb8",
+    p.add_argument("--backbone", default=None,
                    help="feature backbone (default dino_vitb8, needs --weights; efficientnet_lite0 has shipped "
-                        "ImageNet weights)")
-    p.add_argument("--weights", default=None, metavar="PATH", help="backbone checkpoint file")
-    p.add_argument("--resolution", type=int, default=448, metavar="PX", help="square input size (default 448)")
+                        "ImageNet weights) = features.backbone")
+    p.add_argument("--weights", default=None, metavar="PATH", help="backbone checkpoint file = features.weights")
+    p.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="square input size (default 448) = features.resolution")
     p.add_argument("--grid", type=int, default=None, metavar="N",
-                   help="resample the feature map to N x N tokens (e.g. CNN features; default: as extracted)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward (default 4)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="method parameters (see below)")
-    p.add_argument("--level", choices=["both", "instance", "semantic"], default="both",
-                   help="OAP: which mask levels to write (default both)")
+                   help="resample the feature map to N x N tokens (e.g. CNN features) = features.grid")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images per forward (default 4) = features.batch_size")
+    add_set(p, help="dotted settings (see below), e.g. --set oap.vote=mean maskcut.rounds=5")
+    p.add_argument("--level", choices=["both", "instance", "semantic"], default=None,
+                   help="OAP: which mask levels to write (default both) = levels")
     p.add_argument("--clusters", "--cluster", type=int, default=None, metavar="K", dest="clusters",
-                   help="k-means the mask embeddings into K pseudo classes (category_id = cluster + 1)")
+                   help="k-means the mask embeddings into K pseudo classes (category_id = cluster + 1) = cluster.k")
     p.add_argument("--cluster-maps", default=None, metavar="DIR",
-                   help="with --clusters: also write DIR/<image>.png cluster-id maps of the semantic-level masks "
-                        "(255 = none) for `labelwise evaluate unsupervised`")
+                   help="with --clusters and --images: also write DIR/<image>.png cluster-id maps of the "
+                        "semantic-level masks (255 = none) for `labelwise evaluate unsupervised`")
     p.add_argument("--keep-parts", action="store_true", help="keep FILE.json.parts/ after merging")
     p.add_argument("--random-init", action="store_true", help="random backbone weights (smoke tests only)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+    p.add_argument("--seed", type=int, default=None, help="k-means seed = cluster.seed")
+    add_common(p)
     p.set_defaults(func=run)
 
 
@@ -59,32 +66,28 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from labelwise import dist
-    from labelwise.pseudo.runner import generate
+    from labelwise.pseudo.runner import generate_from_spec, write_cluster_maps
     from labelwise.utils import resolve_device
 
-    if not Path(args.images).is_dir():
+    if args.images is not None and not Path(args.images).is_dir():
         raise LabelwiseError(f"--images {args.images}: folder not found; pass an existing directory of images")
-    if args.clusters is not None and args.clusters < 1:
-        raise LabelwiseError(f"--clusters must be >= 1, got {args.clusters}")
+    if args.split is not None and args.data is None:
+        raise LabelwiseError("--split goes with --data SPEC (a folder given with --images has no splits)")
     if args.cluster_maps and not args.clusters:
         raise LabelwiseError("--cluster-maps needs --clusters K")
-    if args.resolution < 16:
-        raise LabelwiseError(f"--resolution must be >= 16, got {args.resolution}")
+    if args.cluster_maps and args.images is None:
+        raise LabelwiseError("--cluster-maps needs --images DIR (maps are named after the image files)")
     dist.init_distributed()
     device = resolve_device(args.device)
-    if dist.is_dist() and device.type == "cuda":
-        import os
-
-        device = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    levels = ("instance", "semantic") if args.level == "both" else (args.level,)
-    summary = generate(args.method, args.images, args.out, backbone=args.backbone, weights=args.weights,
-                       resolution=args.resolution, batch_size=args.batch_size, device=device,
-                       overrides=args.overrides, grid=args.grid, clusters=args.clusters, levels=levels,
-                       keep_parts=args.keep_parts, random_init=args.random_init, seed=args.seed)
+    levels = None if args.level is None else (("instance", "semantic") if args.level == "both" else (args.level,))
+    spec = f"folder:{args.images}" if args.images is not None else args.data
+    summary = generate_from_spec(args.method, spec, args.split, args.out, overrides=args.overrides, device=device,
+                                 keep_parts=args.keep_parts, show_progress=not args.no_progress,
+                                 backbone=args.backbone, weights=args.weights, resolution=args.resolution,
+                                 grid=args.grid, batch_size=args.batch_size, clusters=args.clusters, levels=levels,
+                                 random_init=args.random_init or None, seed=args.seed)
     if dist.is_main():
         if args.cluster_maps:
-            from labelwise.pseudo.runner import write_cluster_maps
-
             write_cluster_maps(args.out, args.images, args.cluster_maps)
         msg = f"wrote {summary['masks']} masks for {summary['images']} images to {summary['out']}"
         if summary["skipped"]:

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from labelwise.data.spec import FileDataset, image_size, register_format
+from labelwise.data.files import FileDataset, image_size
+from labelwise.data.spec import register_format
 from labelwise.errors import LabelwiseError
 from labelwise.io import read_image
 

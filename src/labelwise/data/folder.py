@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from labelwise.data.spec import FileDataset, read_class_names, register_format
+from labelwise.data.files import FileDataset, read_class_names
+from labelwise.data.spec import register_format
 from labelwise.data.tags import names_to_tags
 from labelwise.errors import LabelwiseError
 from labelwise.io import list_images

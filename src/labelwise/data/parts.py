@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from labelwise.data.base import DatasetInfo
-from labelwise.data.spec import FileDataset, register_format
+from labelwise.data.files import FileDataset
+from labelwise.data.spec import register_format
 from labelwise.errors import LabelwiseError
 from labelwise.io import IGNORE_INDEX, IMAGE_EXTENSIONS
 

@@ -24,7 +24,7 @@ from labelwise.errors import LabelwiseError
 from labelwise.io import IGNORE_INDEX, atomic_save_npz
 
 if TYPE_CHECKING:  # pragma: no cover
-    from labelwise.data.spec import FileDataset
+    from labelwise.data.files import FileDataset
 
 
 def tags_from_label(label: np.ndarray, num_classes: int) -> np.ndarray:

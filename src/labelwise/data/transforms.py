@@ -6,10 +6,13 @@ for the keys ``mask``, ``parts``, ``objects``); every geometric transform then m
 image and all masks together (images bilinear, masks nearest). Order used by
 :class:`TrainTransform`::
 
-    ToTensors -> ColorJitter -> RandomScale -> RandomHorizontalFlip -> Normalize -> RandomCrop
+    ToTensors -> ColorJitter -> RandomScale -> RandomHorizontalFlip -> ToFloat -> RandomCrop
 
-so crop padding is applied *after* normalisation: padded image pixels are 0 (= the mean
-colour) and padded label pixels are 255 (ignore).
+Images leave these transforms as float RGB in [0, 1]: normalisation belongs to the model
+(each backbone applies its own pixel mean / std, see ``labelwise.modeling.backbones``), so
+one dataset pipeline serves every backbone. Crop padding fills image pixels with ``fill``
+(pass the backbone's mean colour, ``labelwise.modeling.backbones.pixel_stats``, so padding
+normalises to 0 as in the reference implementations) and label pixels with 255 (ignore).
 
 Randomness comes from torch's RNG (each DataLoader worker has its own seed) or from an
 explicit ``torch.Generator`` passed as ``generator=``; nothing here reseeds any RNG.
@@ -28,8 +31,6 @@ from torchvision.transforms.v2 import functional as F
 
 from labelwise.io import IGNORE_INDEX
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_KEYS = ("mask", "parts", "objects")
 
 
@@ -132,30 +133,26 @@ class ColorJitter:
         return out
 
 
-class Normalize:
-    """``uint8`` image -> float32, ``(x / 255 - mean) / std``."""
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.mean, self.std = list(mean), list(std)
+class ToFloat:
+    """``uint8`` image -> float32 in [0, 1] (a float image passes through)."""
 
     def __call__(self, item: dict) -> dict:
         out = dict(item)
-        img = F.to_dtype(item["image"], torch.float32, scale=True)
-        out["image"] = F.normalize(img, self.mean, self.std)
+        out["image"] = F.to_dtype(item["image"], torch.float32, scale=True)
         return out
 
 
 class RandomCrop:
-    """Random ``size`` crop; smaller inputs are padded (image with ``image_fill``, masks with 255).
+    """Random ``size`` crop; smaller inputs are padded (image with ``fill``, masks with 255).
 
-    Use after :class:`Normalize` so that ``image_fill=0`` is the mean colour.
+    ``fill``: a value or one per channel, in the image's units (after :class:`ToFloat`: [0, 1]).
     """
 
-    def __init__(self, size: int | tuple[int, int], ignore_index: int = IGNORE_INDEX, image_fill: float = 0.0,
-                 generator: torch.Generator | None = None):
+    def __init__(self, size: int | tuple[int, int], ignore_index: int = IGNORE_INDEX,
+                 fill: float | Sequence[float] = 0.0, generator: torch.Generator | None = None):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.ignore_index = ignore_index
-        self.image_fill = image_fill
+        self.image_fill = list(fill) if isinstance(fill, (list, tuple)) else float(fill)
         self.generator = generator
 
     def __call__(self, item: dict) -> dict:
@@ -183,29 +180,28 @@ class TrainTransform(Compose):
 
     def __init__(self, crop_size: int | tuple[int, int] = 448, scale_range: tuple[float, float] = (0.5, 2.0),
                  flip_p: float = 0.5, jitter: tuple[float, float, float, float] | None = (0.4, 0.4, 0.4, 0.1),
-                 jitter_p: float = 0.8, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 jitter_p: float = 0.8, fill: float | Sequence[float] = 0.0,
                  generator: torch.Generator | None = None):
         ts: list[Any] = [ToTensors()]
         if jitter is not None:
             ts.append(ColorJitter(*jitter, p=jitter_p, generator=generator))
-        ts += [RandomScale(scale_range, generator), RandomHorizontalFlip(flip_p, generator), Normalize(mean, std),
-               RandomCrop(crop_size, generator=generator)]
+        ts += [RandomScale(scale_range, generator), RandomHorizontalFlip(flip_p, generator), ToFloat(),
+               RandomCrop(crop_size, fill=fill, generator=generator)]
         super().__init__(ts)
 
 
 class EvalTransform:
-    """Deterministic: optional resize (``size`` = short side int or ``(h, w)``) and normalisation.
+    """Deterministic: optional resize (``size`` = short side int or ``(h, w)``), image as float in [0, 1].
 
     Masks keep the original resolution unless ``resize_masks=True`` (metrics are computed at
     the label resolution). ``orig_size`` (H, W) is recorded.
     """
 
-    def __init__(self, size: int | tuple[int, int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, resize_masks: bool = False):
+    def __init__(self, size: int | tuple[int, int] | None = None, resize_masks: bool = False):
         self.size = size
         self.resize_masks = resize_masks
         self.to_tensors = ToTensors()
-        self.normalize = Normalize(mean, std)
+        self.normalize = ToFloat()
 
     def __call__(self, item: dict) -> dict:
         out = self.to_tensors(item)
@@ -230,19 +226,18 @@ class MultiCropTransform:
     Adds ``global_views`` / ``local_views`` (lists of 3xSxS float tensors), ``global_boxes`` /
     ``local_boxes`` (``n x 4`` ``x0, y0, x1, y1`` in the input image's pixel frame),
     ``global_flips`` / ``local_flips`` (bool), and ``global_masks`` / ``local_masks`` when the
-    item has a ``mask``. A ``uint8`` input image is normalised; a float one is used as is.
+    item has a ``mask``. Views are float in [0, 1] (a ``uint8`` image is scaled; the model normalises).
     """
 
     def __init__(self, global_size: int = 224, local_size: int = 96, n_global: int = 2, n_local: int = 10,
                  global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  generator: torch.Generator | None = None):
         self.global_size, self.local_size = global_size, local_size
         self.n_global, self.n_local = n_global, n_local
         self.global_scale, self.local_scale, self.ratio = global_scale, local_scale, ratio
         self.flip_p = flip_p
-        self.normalize = Normalize(mean, std)
+        self.normalize = ToFloat()
         self.generator = generator
 
     def _box(self, h: int, w: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
@@ -328,5 +323,5 @@ def _collate_values(vals: list) -> Any:
     return list(vals)
 
 
-__all__ = ["ToTensors", "Compose", "RandomScale", "RandomHorizontalFlip", "ColorJitter", "Normalize", "RandomCrop",
-           "TrainTransform", "EvalTransform", "MultiCropTransform", "collate", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ToTensors", "Compose", "RandomScale", "RandomHorizontalFlip", "ColorJitter", "ToFloat", "RandomCrop",
+           "TrainTransform", "EvalTransform", "MultiCropTransform", "collate"]

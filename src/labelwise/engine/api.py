@@ -1,23 +1,27 @@
-"""Python API behind ``labelwise train`` / ``labelwise infer`` (also used by the demo).
+"""Python API behind ``labelwise train`` / ``labelwise infer`` (also used by recipes and the demo).
 
-``train(method, data, out, *, preset=None, config_files=(), overrides=(), steps=None)``
-creates or resumes ``out`` and returns it; ``infer(run_dir, data, split, out, what=...)``
-loads the run's saved config and last checkpoint and writes predictions.
+``train(method, data, out, *, preset=None, config_files=(), overrides=(), steps=None,
+epochs=None, labels=None, seeds=None)`` creates or resumes ``out`` and returns it;
+``infer(run_dir, data, split, out, what=...)`` loads the run's saved config and last
+checkpoint and writes predictions with the inference engine (:mod:`.predict`).
 
-RUN_DIR layout: ``config.yaml`` (resolved config), ``run.json`` (method, preset, data
-spec, world size), ``info.json`` (DatasetInfo: class names), ``checkpoints/last.pt`` (+
-``step_*.pt``), ``log.jsonl``, ``tb/``, ``metrics.json``.
+RUN_DIR layout: ``config.yaml`` (resolved config, path-valued keys absolute), ``run.json``
+(method, preset, data spec, the stage inputs ``--labels`` / ``--seeds``, world size),
+``info.json`` (DatasetInfo: class names), ``checkpoints/last.pt`` (+ ``step_*.pt``),
+``log.jsonl``, ``tb/``, ``metrics.json``.
 
 Resume rule: ``train`` on a RUN_DIR holding ``config.yaml`` continues from its last
-checkpoint. Without ``--preset/--config/--set`` the saved config is reused (``--steps``
-may still change ``train.max_steps``); with them, the newly resolved config must equal the
-saved one except for ``train.max_steps``, otherwise it is an error naming the keys.
+checkpoint. Without ``--preset/--config/--set`` the saved config is reused (``--steps`` /
+``--epochs`` may still change the length); with them, the newly resolved config must
+equal the saved one except for the length, otherwise it is an error naming the keys. The
+data spec and the stage inputs must be the same as when the run started.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -27,6 +31,7 @@ from labelwise.errors import LabelwiseError
 from labelwise.io import atomic_write_json
 
 DEFAULT_PRESET = "cpu"
+LENGTH_KEYS = ("train.max_steps", "train.epochs")  # may change when a run is resumed
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -38,26 +43,37 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def resolve_method_config(method, preset: str | None = None, config_files: Iterable = (),
-                          overrides: Iterable[str] = (), steps: int | None = None):
-    """Defaults <- preset YAML <- ``--config`` files <- ``--set`` <- ``--steps``."""
-    preset = preset or DEFAULT_PRESET
-    layers = [(f"preset '{preset}' of method '{method.name}'", method.load_preset(preset))]
-    overrides = list(overrides)
+def length_overrides(steps: int | None = None, epochs: int | None = None) -> list[str]:
+    """``--steps N`` / ``--epochs N`` as config overrides (``--steps`` switches epochs off)."""
+    if steps is not None and epochs is not None:
+        raise LabelwiseError("pass either --steps or --epochs, not both")
     if steps is not None:
         if int(steps) < 1:
             raise LabelwiseError(f"--steps must be >= 1, got {steps}")
-        overrides.append(f"train.max_steps={int(steps)}")
+        return [f"train.max_steps={int(steps)}", "train.epochs=0"]
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise LabelwiseError(f"--epochs must be >= 1, got {epochs}")
+        return [f"train.epochs={int(epochs)}"]
+    return []
+
+
+def resolve_method_config(method, preset: str | None = None, config_files: Iterable = (),
+                          overrides: Iterable[str] = (), steps: int | None = None, epochs: int | None = None):
+    """Defaults <- preset YAML <- ``--config`` files <- ``--set`` <- ``--steps`` / ``--epochs``."""
+    preset = preset or DEFAULT_PRESET
+    layers = [(f"preset '{preset}' of method '{method.name}'", method.load_preset(preset))]
+    overrides = list(overrides) + length_overrides(steps, epochs)
     return resolve_config(method.config_cls, layers=layers, files=list(config_files), overrides=overrides)
 
 
-def config_diff(a, b, ignore: Iterable[str] = ("train.max_steps",)) -> list[str]:
+def config_diff(a, b, ignore: Iterable[str] = LENGTH_KEYS) -> list[str]:
     fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
     ign = set(ignore)
     return sorted(k for k in set(fa) | set(fb) if k not in ign and fa.get(k) != fb.get(k))
 
 
-def _normalise_spec(spec: str) -> str:
+def normalise_spec(spec: str) -> str:
     """Make the PATH of ``FORMAT:PATH`` absolute so a run can be resumed from anywhere."""
     if ":" in spec:
         fmt, path = spec.split(":", 1)
@@ -65,6 +81,10 @@ def _normalise_spec(spec: str) -> str:
         if p.exists():
             return f"{fmt}:{p.resolve()}"
     return spec
+
+
+def _abs(path: str | Path | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path is not None else None
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -87,15 +107,20 @@ def load_info(run_dir: str | Path):
 
 
 def prepare_run(method_name: str, data: str, out: str | Path, *, preset: str | None = None,
-                config_files: Iterable = (), overrides: Iterable[str] = (), steps: int | None = None):
-    """Resolve the config (new run or resume), write the run files; returns (method, cfg, info, spec)."""
-    from labelwise.methods import get_method
+                config_files: Iterable = (), overrides: Iterable[str] = (), steps: int | None = None,
+                epochs: int | None = None, labels: str | Path | None = None, seeds: str | Path | None = None):
+    """Resolve the config (new run or resume), write the run files; returns (method, cfg, info, spec, inputs)."""
+    from labelwise.engine.registry import get_method
 
     out = Path(out)
     method = get_method(method_name)
     config_files, overrides = list(config_files), list(overrides)
     saved_cfg_path = out / "config.yaml"
-    spec = _normalise_spec(data)
+    spec = normalise_spec(data)
+    inputs = {"labels": _abs(labels), "seeds": _abs(seeds)}
+    for flag, path in (("--labels", inputs["labels"]), ("--seeds", inputs["seeds"])):
+        if path is not None and not Path(path).is_dir():
+            raise LabelwiseError(f"{flag} {path}: folder not found; pass the --out folder of labelwise infer")
     if saved_cfg_path.is_file():  # resume
         run = read_run(out)
         if run.get("method") != method.name:
@@ -103,33 +128,39 @@ def prepare_run(method_name: str, data: str, out: str | Path, *, preset: str | N
         saved = load_config(method.config_cls, saved_cfg_path)
         if preset is None and not config_files and not overrides:
             cfg = saved
-            if steps is not None:
-                cfg = from_dict(method.config_cls, {**to_dict(saved), "train": {**to_dict(saved.train),
-                                                                               "max_steps": int(steps)}},
-                                source="--steps")
+            length = length_overrides(steps, epochs)
+            if length:
+                from labelwise.config import apply_overrides
+
+                cfg = from_dict(method.config_cls, apply_overrides(to_dict(saved), length, method.config_cls),
+                                source="--steps/--epochs")
         else:
-            cfg = resolve_method_config(method, preset or run.get("preset"), config_files, overrides, steps)
+            cfg = resolve_method_config(method, preset or run.get("preset"), config_files, overrides, steps, epochs)
             diff = config_diff(saved, cfg)
             if diff:
                 shown = ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
                 raise LabelwiseError(f"{saved_cfg_path} differs from the requested config at {shown}; resuming "
-                                     "needs the same settings (only train.max_steps/--steps may change) — use a "
-                                     "new --out for a different config")
+                                     "needs the same settings (only --steps/--epochs may change) — use a new --out "
+                                     "for a different config")
         if run.get("data") not in (spec, data):
             raise LabelwiseError(f"{out} was trained on {run.get('data')}, not {spec}; pass the same --data to "
                                  "resume or a new --out")
+        saved_inputs = run.get("inputs", {"labels": None, "seeds": None})
+        if saved_inputs != inputs:
+            raise LabelwiseError(f"{out} was trained with --labels {saved_inputs.get('labels')} --seeds "
+                                 f"{saved_inputs.get('seeds')}; pass the same to resume or a new --out")
         info = load_info(out)
         if dist.is_main():
             save_config(cfg, saved_cfg_path)
             if run.get("world_size") != dist.get_world_size():
                 run["world_size"] = dist.get_world_size()
                 atomic_write_json(out / "run.json", run)
-        return method, cfg, info, spec
+        return method, cfg, info, spec, inputs
     if out.exists() and not out.is_dir():
         raise LabelwiseError(f"--out {out} is a file; pass a folder")
     if out.is_dir() and (out / "checkpoints").exists():
         raise LabelwiseError(f"{out} has checkpoints but no config.yaml; delete it or pass a new --out")
-    cfg = resolve_method_config(method, preset, config_files, overrides, steps)
+    cfg = resolve_method_config(method, preset, config_files, overrides, steps, epochs)
     info = method.dataset_info(cfg, spec)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -138,35 +169,58 @@ def prepare_run(method_name: str, data: str, out: str | Path, *, preset: str | N
         from labelwise import __version__
 
         atomic_write_json(out / "run.json", {"method": method.name, "preset": preset or DEFAULT_PRESET,
-                                             "data": spec, "world_size": dist.get_world_size(),
+                                             "data": spec, "inputs": inputs, "world_size": dist.get_world_size(),
                                              "labelwise": __version__})
     dist.barrier()
-    return method, cfg, info, spec
+    return method, cfg, info, spec, inputs
 
 
 def train(method: str, data: str, out: str | Path, *, preset: str | None = None, config_files: Iterable = (),
-          overrides: Iterable[str] = (), steps: int | None = None, hooks: list[Callable] | None = None,
-          show_progress: bool = True) -> Path:
+          overrides: Iterable[str] = (), steps: int | None = None, epochs: int | None = None,
+          labels: str | Path | None = None, seeds: str | Path | None = None,
+          hooks: list[Callable] | None = None, show_progress: bool = True) -> Path:
     """Train (or resume) ``method`` on ``data`` into ``out``; returns ``out``.
 
+    ``labels`` / ``seeds``: another stage's label PNGs / CAM seeds (``--labels`` / ``--seeds``).
     Works single-process and under ``torchrun`` (joins the process group itself).
     """
     from labelwise.engine.trainer import Trainer
 
     dist.init_distributed()
     out = Path(out)
-    m, cfg, info, spec = prepare_run(method, data, out, preset=preset, config_files=config_files,
-                                     overrides=overrides, steps=steps)
-    Trainer(m, cfg, out, spec, info, hooks=hooks, show_progress=show_progress).fit()
+    m, cfg, info, spec, inputs = prepare_run(method, data, out, preset=preset, config_files=config_files,
+                                             overrides=overrides, steps=steps, epochs=epochs, labels=labels,
+                                             seeds=seeds)
+    Trainer(m, cfg, out, spec, info, labels_dir=inputs["labels"], seeds_dir=inputs["seeds"], hooks=hooks,
+            show_progress=show_progress).fit()
     return out
 
 
-def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path | None = None):
-    """(method, cfg, info, model in eval mode on ``device``) of a trained run."""
+@dataclass
+class LoadedRun:
+    """A finished run ready for inference: ``model`` is ``method.inference_model(...)`` in eval mode."""
+
+    method: Any
+    cfg: Any
+    info: Any
+    model: Any
+    state: Any
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path | None = None) -> LoadedRun:
+    """Load a trained run for inference.
+
+    Every weight comes from the checkpoint: the model is built with ``pretrained=False``, so
+    the run works on a machine (or from a folder) without the pretrained-weights file it was
+    trained from. Building the model draws random initial values that the checkpoint then
+    overwrites; the global RNG state is restored afterwards, so loading a run does not change
+    the random numbers the caller sees.
+    """
     import torch
 
     from labelwise.engine.checkpoint import load_checkpoint
-    from labelwise.methods import get_method
+    from labelwise.engine.registry import get_method
     from labelwise.utils import resolve_device
 
     run_dir = Path(run_dir)
@@ -177,29 +231,68 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path |
     cfg = load_config(method.config_cls, run_dir / "config.yaml")
     info = load_info(run_dir)
     path = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt"
-    state = load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     dev = resolve_device(device)
-    torch.manual_seed(cfg.train.seed)
-    model = method.build_model(cfg, info)
-    model.load_state_dict(state["model"])
+    with torch.random.fork_rng(devices=[]):
+        model = method.build_model(cfg, info, pretrained=False)
+        state = method.build_state(cfg, info)
+    model.load_state_dict(ckpt["model"])
+    if state is not None:
+        state.load_state_dict(ckpt["state"])
+        state = state.to(dev).eval()
     teacher = None
-    if state.get("ema") is not None and method.uses_ema:
+    if ckpt.get("ema") is not None and method.uses_ema:
         from labelwise.blocks.ema import EMATeacher
 
         teacher = EMATeacher(method.ema_module(model))
-        teacher.load_state_dict(state["ema"])
-    model = method.inference_model(model, teacher).to(dev).eval()
-    return method, cfg, info, model
+        teacher.load_state_dict(ckpt["ema"])
+    model = method.inference_model(model, teacher, state).to(dev).eval()
+    return LoadedRun(method=method, cfg=cfg, info=info, model=model, state=state, run_dir=run_dir)
 
 
-def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str | None = None,
+def parse_what(what: str | Iterable[str] | None, method) -> tuple[str, ...]:
+    """``"a,b"`` / ``["a", "b"]`` / None (the method's default) -> checked tuple of outputs."""
+    if not method.outputs:
+        raise LabelwiseError(f"method '{method.name}' declares no inference outputs")
+    if what is None:
+        return (next(iter(method.outputs)),)
+    items = [w.strip() for w in (what.split(",") if isinstance(what, str) else what) if w.strip()]
+    bad = [w for w in items if w not in method.outputs]
+    if bad or not items:
+        raise LabelwiseError(f"method '{method.name}' cannot write --what {','.join(bad) or what!r}; choose from "
+                             f"{', '.join(method.outputs)} (several: --what a,b)")
+    return tuple(dict.fromkeys(items))
+
+
+def output_writers(method, what: tuple[str, ...], out: Path) -> dict:
+    """One writer per requested output, all in ``out``; two outputs that would write the same files are refused."""
+    from labelwise.engine.writers import make_writer
+
+    kinds = [method.outputs[w] for w in what]
+    dup = [k for k in set(kinds) if kinds.count(k) > 1]
+    if dup:
+        clash = [w for w in what if method.outputs[w] in dup]
+        raise LabelwiseError(f"--what {','.join(clash)}: these outputs write the same files ({dup[0]}); run them "
+                             "with separate --out folders")
+    return {w: make_writer(method.outputs[w], out if method.outputs[w] != "coco_rle" else out / f"{w}.json")
+            for w in what}
+
+
+def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str | Iterable[str] | None = None,
           device: str = "auto", overrides: Iterable[str] = (), checkpoint: str | Path | None = None,
-          **kw: Any) -> Path:
-    """Write ``what`` (seeds | masks | segmentation | parts, per method) for ``split`` of ``data``.
+          skip_bad: bool = False, show_progress: bool = True) -> Path:
+    """Write ``what`` (one or several of the method's outputs, in one pass) for ``split`` of ``data``.
 
-    ``overrides`` (``infer.key=value``) change inference settings of the saved config for this call.
+    ``overrides`` (``infer.key=value``) change inference settings of the saved config for this
+    call. Under ``torchrun`` each rank predicts its shard. Images whose outputs exist are skipped.
     """
-    method, cfg, info, model = load_run(run_dir, device=device, checkpoint=checkpoint)
+    from labelwise.data import build_dataset
+    from labelwise.engine.method import PredictContext
+    from labelwise.engine.predict import run_predict
+
+    dist.init_distributed()
+    loaded = load_run(run_dir, device=device, checkpoint=checkpoint)
+    method, cfg, info = loaded.method, loaded.cfg, loaded.info
     overrides = list(overrides)
     if overrides:
         from labelwise.config import apply_overrides, parse_overrides
@@ -210,10 +303,19 @@ def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str
                                      f"comes from {Path(run_dir) / 'config.yaml'}")
         cfg = from_dict(method.config_cls, apply_overrides(to_dict(cfg), overrides, method.config_cls),
                         source="--set")
-    what = what or method.infer_outputs[0]
-    if what not in method.infer_outputs:
-        raise LabelwiseError(f"method '{method.name}' cannot write --what {what}; choose one of "
-                             f"{', '.join(method.infer_outputs)}")
+    whats = parse_what(what, method)
+    ds = build_dataset(normalise_spec(data), split)
+    if ds.num_classes > 1 and ds.num_classes != info.num_classes:  # a plain folder has no class list
+        raise LabelwiseError(f"{data} has {ds.num_classes} classes but the run was trained with "
+                             f"{info.num_classes}; pass a dataset with the same class list")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return method.infer(model, cfg, info, _normalise_spec(data), split, out, what, **kw)
+    writers = output_writers(method, whats, out)
+    dev = next(loaded.model.parameters()).device
+    ctx = PredictContext(cfg=cfg, info=info, what=whats, device=dev, rank=dist.get_rank(),
+                         world_size=dist.get_world_size(), state=loaded.state)
+    run_predict(lambda batch: method.predict(loaded.model, batch, ctx), ds, writers,
+                transform=method.inference_transform(cfg, info), batch_size=cfg.infer.batch_size,
+                num_workers=cfg.infer.num_workers, device=dev, skip_bad=skip_bad, show_progress=show_progress,
+                desc=f"{method.name} {','.join(whats)} {split}")
+    return out

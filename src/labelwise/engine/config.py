@@ -1,4 +1,4 @@
-"""Config sections shared by every method (``train``, ``optim``, ``data``).
+"""Config sections shared by every method (``train``, ``optim``, ``data``, ``infer``).
 
 A method's config is a dataclass that inherits :class:`BaseConfig` (which composes these
 three sections) and adds its own ``model`` / ``loss`` sections. Values are validated by
@@ -16,7 +16,10 @@ from labelwise.errors import LabelwiseError
 
 @dataclass
 class TrainConfig:
-    max_steps: int = param(1000, range=(1, None), help="number of optimisation steps (--steps N)")
+    max_steps: int = param(1000, range=(1, None), help="number of optimisation steps (--steps N); "
+                                                       "ignored when train.epochs > 0")
+    epochs: int = param(0, range=(0, None), help="train for this many passes over the training split instead "
+                                                 "of train.max_steps (0 = use max_steps; --epochs N)")
     batch_size: int = param(8, range=(1, None), help="images per rank per step (global = batch_size x world size)")
     seed: int = param(0, range=(0, None), help="base seed; rank r uses seed + r for model-side randomness")
     log_every: int = param(10, range=(1, None), help="steps between log.jsonl / TensorBoard records")
@@ -27,6 +30,7 @@ class TrainConfig:
     amp: str = param("none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 uses a GradScaler; GPU only)")
     grad_clip: float = param(0.0, range=(0.0, None), help="max global grad norm (0 = off)")
     num_workers: int = param(0, range=(0, None), help="DataLoader worker processes per rank")
+    sync_bn: bool = param(False, help="convert BatchNorm layers to SyncBatchNorm under torchrun (CUDA only)")
     device: str = param("auto", help="auto | cpu | cuda | cuda:N (under torchrun, cuda means cuda:LOCAL_RANK)")
 
 
@@ -65,9 +69,19 @@ class DataConfig:
 
 
 @dataclass
+class InferConfig:
+    """Settings of ``labelwise infer`` every method has; a method's own ``infer`` section subclasses it."""
+
+    batch_size: int = param(4, range=(1, None), help="images per forward (consecutive images of one size)")
+    num_workers: int = param(2, range=(0, None), help="DataLoader worker processes decoding images")
+
+
+@dataclass
 class BaseConfig:
-    """What every method config has. Subclass it and add ``model`` / ``loss`` sections."""
+    """What every method config has. Subclass it and add ``model`` / ``loss`` sections (and an
+    ``infer`` section that subclasses :class:`InferConfig`)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    infer: InferConfig = field(default_factory=InferConfig)

@@ -52,11 +52,20 @@ def build_param_groups(groups: Iterable[dict], cfg: OptimConfig) -> list[dict]:
     return out
 
 
-def default_param_groups(model: nn.Module) -> list[dict]:
-    """``backbone.*`` parameters vs everything else (the head), the usual split."""
+def in_module(name: str, module_names: Iterable[str]) -> bool:
+    """Whether parameter ``name`` lies under a module called one of ``module_names`` at any
+    depth (``cnn.backbone.stem.weight`` is under ``backbone``; ``backbone_proj.weight`` is not)."""
+    parts = set(name.split(".")[:-1])
+    return any(m in parts for m in module_names)
+
+
+def default_param_groups(model: nn.Module, backbone_modules: Iterable[str] = ("backbone",)) -> list[dict]:
+    """Parameters under a module named ``backbone`` (at any depth: ``backbone.*``,
+    ``cnn.backbone.*``, ``vit.backbone.*``) vs everything else (the heads), the usual split."""
+    names = tuple(backbone_modules)
     backbone, head = [], []
     for name, p in model.named_parameters():
-        (backbone if name.startswith("backbone.") else head).append((name, p))
+        (backbone if in_module(name, names) else head).append((name, p))
     return [{"name": "backbone", "params": backbone, "lr_mult": None}, {"name": "head", "params": head, "lr_mult": 1.0}]
 
 

@@ -3,25 +3,32 @@
 ``Trainer(method, cfg, run_dir, data_spec, info).fit()``:
 
 * distributed: under ``torchrun`` (``labelwise.dist.init_distributed``: gloo on CPU, nccl
-  on GPU) the model is wrapped in DDP and :class:`~labelwise.engine.data.ShardedSampler`
+  on GPU) the model is wrapped in DDP with the method's ``ddp_options`` (optionally with
+  SyncBatchNorm, ``train.sync_bn``) and :class:`~labelwise.engine.data.ShardedSampler`
   gives each rank its shard of a per-epoch permutation; ``train.batch_size`` is per rank;
-* AMP (``train.amp`` bf16/fp16, fp16 with a GradScaler), gradient clipping, per-step
-  warmup + poly/cosine schedule, parameter groups (backbone lr multiplier, no weight decay
-  on norms/biases/pos-embeds/tokens), optional EMA teacher, periodic evaluation;
-* seeding: the model is built under ``seed`` (identical on every rank), training-time
-  randomness uses ``seed + rank``; augmentation uses per-sample generators (see
-  ``engine/data.py``); the DataLoader has its own generator so the global RNG is never
+* length: ``train.max_steps`` optimisation steps, or ``train.epochs`` passes over the
+  training split (``max_steps = epochs x steps_per_epoch``);
+* one step: ``training_step`` under autocast -> ``backward`` -> (unscale) ->
+  ``after_backward`` -> gradient clipping -> optimiser step -> lr schedule -> EMA teacher
+  update -> ``after_optimizer_step``. Losses stay on the device between log steps (no
+  host sync per step); a non-finite loss stops the run at the next log or checkpoint;
+* the method's state module (``build_state``) and the EMA teacher live beside the model,
+  not inside it: neither is wrapped by DDP, the teacher never copies the state, and both
+  are checkpointed;
+* seeding: the model (and state) are built under ``seed`` (identical on every rank);
+  training-time randomness uses ``seed + rank``; augmentation uses per-sample generators
+  (``engine/data.py``); the DataLoader has its own generator so the global RNG is never
   consumed by data loading;
 * checkpoints (``train.ckpt_every`` and at the end) hold everything needed to continue
-  bit-identically (CPU): model/optimiser/scheduler/scaler/EMA states, every rank's RNG
-  states and the data position. ``fit`` resumes from ``RUN_DIR/checkpoints/last.pt``.
+  bit-identically (CPU): model / state / optimiser / scheduler / scaler / EMA, every rank's
+  RNG states and the data position. ``fit`` resumes from ``RUN_DIR/checkpoints/last.pt``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -42,6 +49,8 @@ from labelwise.errors import LabelwiseError
 from labelwise.io import atomic_write_json
 from labelwise.utils import progress, resolve_device
 
+DDP_OPTIONS = ("find_unused_parameters", "broadcast_buffers", "static_graph", "gradient_as_bucket_view")
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -56,16 +65,18 @@ def train_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise LabelwiseError(f"config key 'train.device' is {name!r} but CUDA is not available; use cpu or auto")
         if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if dist.is_dist() else torch.cuda.current_device())
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
 class Trainer:
     def __init__(self, method: Method, cfg, run_dir: str | Path, data_spec: str, info, *,
+                 labels_dir: str | Path | None = None, seeds_dir: str | Path | None = None,
                  hooks: list[Callable] | None = None, show_progress: bool = True):
         self.method, self.cfg, self.info = method, cfg, info
         self.run_dir = Path(run_dir)
         self.data_spec = data_spec
+        self.labels_dir, self.seeds_dir = labels_dir, seeds_dir
         self.hooks = list(hooks or [])  # hook(trainer, step) after each step (tests inject failures here)
         self.show_progress = show_progress
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -78,56 +89,71 @@ class Trainer:
     def _amp(self):
         amp = self.cfg.train.amp
         if amp == "none":
-            return contextlib.nullcontext(), None
+            return contextlib.nullcontext()
         if amp == "fp16" and self.device.type != "cuda":
             raise LabelwiseError("config key 'train.amp' is fp16 but training runs on the CPU; use bf16 or none")
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype), dtype
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def setup(self) -> None:
         cfg, method = self.cfg, self.method
         tcfg = cfg.train
         seed_everything(tcfg.seed)  # identical model init on every rank
-        self.module: nn.Module = method.build_model(cfg, self.info).to(self.device)
+        self.module: nn.Module = method.build_model(cfg, self.info, pretrained=True).to(self.device)
+        state = method.build_state(cfg, self.info)
+        self.state: nn.Module | None = state.to(self.device) if state is not None else None
+        if tcfg.sync_bn and dist.is_dist():
+            if self.device.type != "cuda":
+                raise LabelwiseError("config key 'train.sync_bn' is true but training runs on the CPU (gloo); "
+                                     "SyncBatchNorm needs CUDA — set train.sync_bn=false")
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.teacher = None
         if method.uses_ema:
             from labelwise.blocks.ema import EMATeacher
 
             self.teacher = EMATeacher(method.ema_module(self.module),
-                                      momentum=lambda s: method.ema_momentum(self.cfg, s, self.cfg.train.max_steps))
-        groups = build_param_groups(method.param_groups(self.module, cfg), cfg.optim)
-        if not groups:
-            raise LabelwiseError(f"method '{method.name}' has no trainable parameters with this config")
-        self.optimizer = build_optimizer(groups, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tcfg.max_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(tcfg.amp == "fp16"))
-        self.autocast, _ = self._amp()
+                                      momentum=lambda s: method.ema_momentum(self.cfg, s, self.max_steps))
 
         from labelwise.data.spec import skip_report_dir
 
         with skip_report_dir(self.run_dir if dist.is_main() else None):
-            dataset = method.build_train_dataset(cfg, self.data_spec, self.info)
+            dataset = method.build_train_dataset(cfg, self.data_spec, self.info, labels_dir=self.labels_dir,
+                                                 seeds_dir=self.seeds_dir)
         self.sampler = ShardedSampler(len(dataset), tcfg.batch_size, rank=self.rank, world_size=self.world,
                                       seed=tcfg.seed)
-        if self.sampler.batches_per_epoch == 0:
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        if self.steps_per_epoch == 0:
             raise LabelwiseError(f"training split has {len(dataset)} images, fewer than train.batch_size x world "
                                  f"size = {tcfg.batch_size * self.world}; lower train.batch_size")
+        self.max_steps = tcfg.epochs * self.steps_per_epoch if tcfg.epochs > 0 else tcfg.max_steps
+
+        groups = build_param_groups(method.param_groups(self.module, cfg), cfg.optim)
+        if not groups:
+            raise LabelwiseError(f"method '{method.name}' has no trainable parameters with this config")
+        self.optimizer = build_optimizer(groups, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.max_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(tcfg.amp == "fp16"))
+        self.autocast = self._amp()
+
         gen = torch.Generator()
         gen.manual_seed(tcfg.seed + self.rank)
         self.loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=self.sampler,
                                  num_workers=tcfg.num_workers, collate_fn=method.collate, drop_last=True,
                                  worker_init_fn=worker_init_fn, generator=gen,
-                                 pin_memory=self.device.type == "cuda",
-                                 persistent_workers=False)
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
         self.logger = RunLogger(self.run_dir, enabled=dist.is_main())
         self._resume()
         if self.step == 0:
             seed_everything(tcfg.seed + self.rank)  # training-time randomness differs per rank
         self.model: nn.Module = self.module
         if dist.is_dist():
+            opts = dict(method.ddp_options(cfg))
+            unknown = sorted(set(opts) - set(DDP_OPTIONS))
+            if unknown:
+                raise ValueError(f"method '{method.name}' ddp_options has unknown keys {unknown}; "
+                                 f"valid: {', '.join(DDP_OPTIONS)}")
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids,
-                                                             find_unused_parameters=getattr(method, "find_unused_parameters", False))
+            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, **opts)
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.run_dir)
@@ -136,6 +162,11 @@ class Trainer:
             return
         state = load_checkpoint(path, map_location=self.device)
         self.module.load_state_dict(state["model"])
+        if self.state is not None:
+            if state.get("state") is None:
+                raise LabelwiseError(f"{path}: holds no '{self.method.name}' state module; it was written by "
+                                     "another version of the method — use a new --out")
+            self.state.load_state_dict(state["state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -158,9 +189,10 @@ class Trainer:
         rngs = dist.all_gather_object(capture_rng())
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.world, "method": self.method.name,
-            "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.world, "method": self.method.name, "max_steps": self.max_steps,
+            "model": self.module.state_dict(),
+            "state": self.state.state_dict() if self.state is not None else None,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "ema": self.teacher.state_dict() if self.teacher is not None else None,
             "rng": rngs,
@@ -173,10 +205,11 @@ class Trainer:
         dist.barrier()
 
     def context(self) -> StepContext:
-        return StepContext(cfg=self.cfg, info=self.info, step=self.step, max_steps=self.cfg.train.max_steps,
-                           epoch=self.epoch, device=self.device, rank=self.rank, world_size=self.world,
-                           module=self.module, teacher=self.teacher, run_dir=self.run_dir,
-                           data_spec=self.data_spec, state=self._scratch)
+        return StepContext(cfg=self.cfg, info=self.info, step=self.step, max_steps=self.max_steps,
+                           epoch=self.epoch, steps_per_epoch=self.steps_per_epoch, device=self.device,
+                           rank=self.rank, world_size=self.world, module=self.module, teacher=self.teacher,
+                           state=self.state, optimizer=self.optimizer, run_dir=self.run_dir,
+                           data_spec=self.data_spec)
 
     def evaluate(self) -> dict | None:
         was_training = self.module.training
@@ -193,8 +226,6 @@ class Trainer:
             path = self.run_dir / "metrics.json"
             hist = []
             if path.is_file():
-                import json
-
                 try:
                     hist = [h for h in json.loads(path.read_text()).get("history", []) if h.get("step", 0) < self.step]
                 except (ValueError, AttributeError):
@@ -205,46 +236,43 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict | None:
-        self._scratch: dict = {}
         self.setup()
         tcfg = self.cfg.train
-        max_steps = tcfg.max_steps
+        max_steps = self.max_steps
         last_metrics = None
         if self.step >= max_steps:
             if dist.is_main():
-                print(f"labelwise: {self.run_dir} already trained for {self.step} steps (train.max_steps="
-                      f"{max_steps}); pass --steps N to train longer", flush=True)
+                print(f"labelwise: {self.run_dir} already trained for {self.step} steps (of {max_steps}); pass "
+                      "--steps N (or --epochs N) to train longer", flush=True)
             self.logger.close()
             return None
         self.module.train()
         bar = progress(range(self.step, max_steps), desc=f"train {self.method.name}", total=max_steps - self.step) \
             if self.show_progress else None
-        window: dict[str, float] = {}
-        win_steps, win_images, win_t0 = 0, 0, time.perf_counter()
-        bpe = self.sampler.batches_per_epoch
+        self._window: dict[str, torch.Tensor] = {}
+        self._win_steps, self._win_images, self._win_t0 = 0, 0, time.perf_counter()
         try:
             while self.step < max_steps:
-                if self.batch_in_epoch >= bpe:
+                if self.batch_in_epoch >= self.steps_per_epoch:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.sampler.set_position(self.epoch, self.batch_in_epoch)
                 for batch in self.loader:
-                    losses = self.train_step(batch)
-                    n = batch_len(batch)
+                    self.train_step(batch)
                     self.step += 1
                     self.batch_in_epoch += 1
-                    for k, v in losses.items():
-                        window[k] = window.get(k, 0.0) + v
-                    win_steps += 1
-                    win_images += n
+                    self._win_steps += 1
+                    self._win_images += batch_len(batch)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
                     if self.step % tcfg.log_every == 0 or self.step == max_steps:
-                        self._log(window, win_steps, win_images, time.perf_counter() - win_t0)
-                        window, win_steps, win_images, win_t0 = {}, 0, 0, time.perf_counter()
+                        rec = self._log()
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                     if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step != max_steps:
                         last_metrics = self.evaluate()
                     if self.step % tcfg.ckpt_every == 0 or self.step == max_steps:
+                        if self._win_steps:  # never checkpoint a diverged model
+                            self._reduced_window()
                         self.save()  # after eval, so the saved RNG state is the one training continues with
                     for hook in self.hooks:
                         hook(self, self.step)
@@ -258,45 +286,60 @@ class Trainer:
             self.logger.close()
         return last_metrics
 
-    def train_step(self, batch) -> dict[str, float]:
-        tcfg = self.cfg.train
+    def train_step(self, batch) -> None:
+        tcfg, method = self.cfg.train, self.method
         batch = to_device(batch, self.device)
         ctx = self.context()
         with self.autocast:
-            out = self.method.training_step(self.model, batch, self.step, ctx)
+            out = method.training_step(self.model, batch, ctx)
         if "loss" not in out:
-            raise RuntimeError(f"method '{self.method.name}' training_step returned no 'loss'")
-        loss = out["loss"]
-        if not torch.isfinite(loss.detach()).all():
-            raise LabelwiseError(f"loss is {loss.item()} at step {self.step}; lower optim.lr or set train.grad_clip")
+            raise RuntimeError(f"method '{method.name}' training_step returned no 'loss'")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(out["loss"]).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # hooks and clipping see the true gradients
+        method.after_backward(self.model, ctx)
         if tcfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), tcfg.grad_clip)
-        self._step_lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        self._step_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the lrs this step uses
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.teacher is not None:
-            self.teacher.update(self.method.ema_module(self.module), self.step)
-        return {k: float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
-                for k, v in out.items()}
+            self.teacher.update(method.ema_module(self.module), self.step)
+        method.after_optimizer_step(self.model, ctx)
+        for k, v in out.items():  # summed on the device; read back at the next log step
+            v = v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self._window[k] = self._window[k] + v if k in self._window else v
 
-    def _log(self, window: dict, steps: int, images: int, elapsed: float) -> None:
-        keys = sorted(window)
-        vals = torch.tensor([window[k] / max(steps, 1) for k in keys] + [float(images)], dtype=torch.float64)
-        vals = dist.all_reduce_sum(vals)
-        w = self.world
-        rec = {"step": self.step}
-        rec.update({k: float(vals[i]) / w for i, k in enumerate(keys)})
-        # head lr (group with the largest multiplier) and the backbone's
-        lrs = self._step_lrs  # the lrs used by the last step (the scheduler has moved on since)
+    def _reduced_window(self) -> dict[str, float]:
+        """Mean of each logged term over the window's steps and over ranks (+ ``"_images"``).
+
+        Collective (every rank calls it at the same steps); raises on every rank alike when a
+        term is not finite."""
+        keys = sorted(self._window)
+        local = [self._window[k].to(self.device) for k in keys]
+        vals = torch.stack(local).double().cpu() / max(self._win_steps, 1) if local else torch.zeros(0, dtype=torch.float64)
+        vals = dist.all_reduce_sum(torch.cat([vals, torch.tensor([float(self._win_images)], dtype=torch.float64)]))
+        means = {k: float(vals[i]) / self.world for i, k in enumerate(keys)}
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            first = self.step - self._win_steps + 1
+            raise LabelwiseError(f"{', '.join(bad)} became non-finite between steps {first} and {self.step}; "
+                                 "lower optim.lr or set train.grad_clip")
+        return {**means, "_images": float(vals[-1])}
+
+    def _log(self) -> dict:
+        means = self._reduced_window()
+        rec: dict = {"step": self.step}
+        rec.update({k: v for k, v in means.items() if k != "_images"})
+        groups = self.optimizer.param_groups
+        lrs = dict(zip((g.get("name", str(i)) for i, g in enumerate(groups)), self._step_lrs))
         rec["lr"] = max(lrs.values())
         if "backbone" in lrs:
             rec["lr_backbone"] = lrs["backbone"]
         rec["epoch"] = self.epoch
-        rec["images_per_s"] = float(vals[-1]) / max(elapsed, 1e-9)
-        if not all(math.isfinite(v) for v in rec.values() if isinstance(v, float)):
-            rec = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in rec.items()}
+        rec["images_per_s"] = means["_images"] / max(time.perf_counter() - self._win_t0, 1e-9)
         self.logger.log(rec)
+        self._window, self._win_steps, self._win_images, self._win_t0 = {}, 0, 0, time.perf_counter()
+        return rec

@@ -4,7 +4,10 @@
 =============  ==============================================  =================================
 kind           ``pred``                                        ground truth (``gt_spec``)
 =============  ==============================================  =================================
-semantic       folder of ``<image_id>.png`` class indices      any dataset with masks
+semantic       folder of ``<image_id>.png`` class indices, or  any dataset with masks
+               of CAM seeds ``<image_id>.npz`` scored with
+               ``bg_threshold`` (argmax of the present
+               classes, background where <= the threshold)
 parts          folder with ``parts/`` and ``objects/`` PNGs    ``parts:`` (or adapter) dataset
 instance       COCO results json (list)                        ``coco:`` dataset
 panoptic       COCO-panoptic folder or instance results json   ``coco:`` dataset
@@ -17,7 +20,8 @@ or a size mismatch is a :class:`~labelwise.errors.LabelwiseError` naming the fil
 ``torch.distributed`` each rank reads a strided share of the images and the metrics are
 reduced across ranks (every rank gets the full result).
 
-Options: ``ignore_index`` (255), ``progress`` (True), ``device`` ("cpu"); instance:
+Options: ``ignore_index`` (255), ``progress`` (True), ``device`` ("cpu"); semantic:
+``bg_threshold`` (None: PNG predictions; a number: ``.npz`` seeds thresholded); instance:
 ``class_aware`` (False), ``max_dets`` (100); panoptic: ``score_thresh`` (None),
 ``class_agnostic`` (False); unsupervised: ``num_clusters`` (None: inferred from the
 largest id in the predictions).
@@ -89,24 +93,55 @@ def _update_named(path: Path, fn, *args) -> None:
         raise LabelwiseError(f"{path}: {e}") from None
 
 
-def _label_maps(kind: str, pred, ds, metric, show: bool, device):
-    """Feed ``PRED/<image_id>.png`` and the ground-truth mask of every image to ``metric``."""
+def _read_seeds_as_label(path: Path, image_id: str, shape: tuple[int, ...], bg_threshold: float) -> np.ndarray:
+    """CAM seeds ``.npz`` -> label map: argmax over the present classes, background where <= ``bg_threshold``."""
+    import torch
+
+    from labelwise.blocks.cam import cam_to_label
+    from labelwise.data.overrides import read_seeds
+
+    if not path.is_file():
+        raise LabelwiseError(f"{path}: no seeds for ground-truth image '{image_id}'; write seeds for every image "
+                             "of the split (labelwise infer RUN --what seeds)")
+    seeds = read_seeds(path)
+    if seeds["cams"].shape[1:] != tuple(shape):
+        raise LabelwiseError(f"{path}: seeds are {seeds['cams'].shape[1]}x{seeds['cams'].shape[2]} but the ground "
+                             f"truth of '{image_id}' is {shape[0]}x{shape[1]}; write seeds at the image resolution")
+    if len(seeds["keys"]) == 0:
+        return np.zeros(shape, np.uint8)
+    return cam_to_label(torch.from_numpy(seeds["cams"]), keys=torch.from_numpy(seeds["keys"]),
+                        bg_threshold=bg_threshold).numpy().astype(np.uint8)
+
+
+def _label_maps(kind: str, pred, ds, metric, show: bool, device, bg_threshold: float | None = None):
+    """Feed ``PRED/<image_id>.png`` (or ``.npz`` seeds thresholded at ``bg_threshold``) and the
+    ground-truth mask of every image to ``metric``."""
     import torch
 
     root = _pred_dir(pred, kind)
+    if bg_threshold is None and len(ds) and not (root / f"{ds.ids[0]}.png").is_file() \
+            and (root / f"{ds.ids[0]}.npz").is_file():
+        raise LabelwiseError(f"{root}: holds CAM seeds (.npz), not label PNGs; pass --bg-threshold T to score the "
+                             "seeds as masks")
     for i in _iter(_indices(len(ds)), f"evaluate {kind}", show):
         gt = _gt_mask(ds, i)
-        path = root / f"{ds.ids[i]}.png"
-        p = _read_pred(path, ds.ids[i], gt.shape)
+        if bg_threshold is None:
+            path = root / f"{ds.ids[i]}.png"
+            p = _read_pred(path, ds.ids[i], gt.shape)
+        else:
+            path = root / f"{ds.ids[i]}.npz"
+            p = _read_seeds_as_label(path, ds.ids[i], gt.shape, bg_threshold)
         _update_named(path, metric.update, torch.from_numpy(p).to(device), torch.from_numpy(gt).to(device))
     return metric.compute(), metric
 
 
-def _semantic(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", **_):
+def _semantic(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", bg_threshold=None, **_):
     from labelwise.evaluation.semantic import SemanticMetric
 
+    if bg_threshold is not None and not 0.0 <= float(bg_threshold) <= 1.0:
+        raise LabelwiseError(f"--bg-threshold must be in [0, 1] (CAMs are max-normalised), got {bg_threshold}")
     metric = SemanticMetric(len(ds.class_names), list(ds.class_names), ignore_index)
-    return _label_maps("semantic", pred, ds, metric, show, device)
+    return _label_maps("semantic", pred, ds, metric, show, device, bg_threshold)
 
 
 def _unsupervised(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", num_clusters=None, **_):

@@ -2,8 +2,8 @@
 mask upsampling / COCO records, and a torch k-means for pseudo classes.
 
 All three methods (OAP, MaskCut, TokenCut) see exactly the same features: the image is
-resized to ``resolution x resolution`` (MaskCut's square resize), normalised with the
-backbone's mean/std, and the backbone's ``keys`` are taken (ViT: last-block attention
+resized to ``resolution x resolution`` (MaskCut's square resize), the backbone normalises
+it with its own mean/std, and the backbone's ``keys`` are taken (ViT: last-block attention
 keys; CNN: the last feature map), optionally resampled (bilinear) to a ``grid x grid``
 token map. Masks come back on that token grid and are upsampled to the *original*
 image size by bilinear interpolation of the 0/1 token mask followed by ``> 0.5``
@@ -13,25 +13,76 @@ image size by bilinear interpolation of the 0/1 token mask followed by ``> 0.5``
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as Fn
 
-from labelwise.config import apply_overrides, from_dict, to_dict
+from labelwise.config import param, parse_overrides, resolve_config, to_dict
 from labelwise.errors import LabelwiseError
+from labelwise.pseudo.maskcut import MaskCutConfig
+from labelwise.pseudo.oap.pooling import OAPConfig
+from labelwise.pseudo.tokencut import TokenCutConfig
 
-__all__ = ["METHODS", "FeatureExtractor", "build_method", "method_config_class", "run_method",
-           "PseudoMasks", "upsample_masks", "mask_records", "kmeans", "encode_embedding", "decode_embedding"]
+__all__ = ["METHODS", "PseudoMaskConfig", "resolve_pseudo_config", "FeatureExtractor", "build_method",
+           "method_config_class", "run_method", "PseudoMasks", "upsample_masks", "mask_records", "kmeans",
+           "encode_embedding", "decode_embedding"]
 
 METHODS = ("oap", "maskcut", "tokencut")
 
 
+# --------------------------------------------------------------------------- config
+@dataclass
+class FeaturesConfig:
+    backbone: str = param("dino_vitb8", help="feature backbone (ViT keys; efficientnet_lite0 has shipped weights)")
+    weights: str | None = param(None, path=True, help="backbone checkpoint file")
+    resolution: int = param(448, range=(16, None), help="square input size")
+    grid: int | None = param(None, range=(1, None), help="resample the feature map to grid x grid tokens")
+    batch_size: int = param(4, range=(1, None), help="images per forward")
+    num_workers: int = param(2, range=(0, None), help="DataLoader workers decoding and resizing images")
+    random_init: bool = param(False, help="random backbone weights (smoke tests only)")
+
+
+@dataclass
+class ClusterConfig:
+    k: int | None = param(None, range=(1, None), help="k-means the mask embeddings into k pseudo classes")
+    seed: int = param(0, range=(0, None), help="k-means seed")
+
+
+@dataclass
+class PseudoMaskConfig:
+    """Everything ``labelwise pseudo-masks`` reads; ``--set`` takes its dotted keys
+    (``oap.thresholds=[0.9,0.8]``, ``maskcut.rounds=5``, ``features.resolution=224``)."""
+
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    oap: OAPConfig = field(default_factory=OAPConfig)
+    maskcut: MaskCutConfig = field(default_factory=MaskCutConfig)
+    tokencut: TokenCutConfig = field(default_factory=TokenCutConfig)
+    levels: list[str] = param(["instance", "semantic"], choices=("instance", "semantic"),
+                              help="mask levels written (OAP has both; MaskCut/TokenCut instance only)")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def resolve_pseudo_config(method: str, overrides: Sequence[str] = (), base: dict | None = None) -> PseudoMaskConfig:
+    """Defaults <- ``base`` (flags) <- ``--set`` overrides; OAP centres CNN features unless told otherwise."""
+    if method not in METHODS:
+        raise LabelwiseError(f"unknown pseudo-mask method '{method}'; use one of {', '.join(METHODS)}")
+    cfg = resolve_config(PseudoMaskConfig, layers=[("command-line flags", base or {})], overrides=list(overrides))
+    given = {k for k, _ in parse_overrides(overrides)}
+    if method == "oap" and "oap.center_features" not in given and not _is_vit_name(cfg.features.backbone):
+        cfg.oap.center_features = True                     # CNN features: centring helps (method notes)
+    return cfg
+
+
 # --------------------------------------------------------------------------- features
 class FeatureExtractor:
-    """Images (RGB uint8) -> keys ``(B, h, w, D)`` on ``device``."""
+    """Images -> keys ``(B, h, w, D)`` on ``device``.
+
+    :meth:`features` takes a batch already resized to ``resolution x resolution`` (floats in
+    [0, 1]; the backbone normalises); :meth:`preprocess` does that resize for numpy images.
+    """
 
     def __init__(self, backbone: str = "dino_vitb8", weights: str | None = None, resolution: int = 448,
                  device: Any = "cpu", grid: int | None = None, random_init: bool = False):
@@ -50,19 +101,22 @@ class FeatureExtractor:
         self.bb = create_backbone(backbone, pretrained=(weights is None and not random_init), weights=weights)
         self.bb.eval().to(self.device)
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+    def resize(self, image: np.ndarray) -> torch.Tensor:
+        """One RGB uint8 image -> ``3 x r x r`` float in [0, 1] (MaskCut's square resize, antialiased)."""
         r = self.resolution
-        xs = []
-        for img in images:                                  # per-image resize (sizes differ)
-            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255.0)[None]
-            xs.append(Fn.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True))
-        x = torch.cat(xs).to(self.device)
-        return self.bb.normalize(x)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)[None]
+        return Fn.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)[0]
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return torch.stack([self.resize(img) for img in images]).to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        keys = self.bb(self.preprocess(images), return_keys=True).keys
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        keys = self.bb(x.to(self.device), return_keys=True).keys
         return resize_keys(keys.float(), self.grid)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.features(self.preprocess(images))
 
 
 def resize_keys(keys: torch.Tensor, grid: int | None) -> torch.Tensor:
@@ -75,42 +129,28 @@ def resize_keys(keys: torch.Tensor, grid: int | None) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- methods
 def method_config_class(method: str) -> type:
+    return {"oap": OAPConfig, "maskcut": MaskCutConfig, "tokencut": TokenCutConfig}[method]
+
+
+def build_method(method: str, cfg: PseudoMaskConfig) -> Callable:
+    """A callable ``keys (B,h,w,D) -> list[PseudoMasks]`` for ``method`` with the settings of ``cfg``."""
+    backbone = cfg.features.backbone
     if method == "oap":
-        from labelwise.methods.oap.pooling import OAPConfig
-        return OAPConfig
-    if method == "maskcut":
-        from labelwise.pseudo.maskcut import MaskCutConfig
-        return MaskCutConfig
-    if method == "tokencut":
-        from labelwise.pseudo.tokencut import TokenCutConfig
-        return TokenCutConfig
-    raise LabelwiseError(f"unknown pseudo-mask method '{method}'; use one of {', '.join(METHODS)}")
+        from labelwise.pseudo.oap.pooling import OnlineAgglomerativePooling
 
-
-def build_method(method: str, overrides: Sequence[str] = (), backbone: str | None = None,
-                 params: dict | None = None) -> Callable:
-    """A callable ``keys (B,h,w,D) -> list[PseudoMasks]`` for ``method`` with ``--set`` overrides."""
-    cls = method_config_class(method)
-    data = apply_overrides(params or {}, overrides, cls)
-    cfg = from_dict(cls, data, source="--set")
-    if method == "oap":
-        from labelwise.methods.oap.pooling import OnlineAgglomerativePooling
-
-        if "center_features" not in data and backbone is not None and not _is_vit_name(backbone):
-            cfg.center_features = True                     # CNN features: centring helps (method notes)
-        impl = OnlineAgglomerativePooling(cfg)
+        impl = OnlineAgglomerativePooling(cfg.oap)
     elif method == "maskcut":
         from labelwise.pseudo.maskcut import MaskCut
-        impl = MaskCut(cfg, backbone=backbone)
+        impl = MaskCut(cfg.maskcut, backbone=backbone)
     else:
         from labelwise.pseudo.tokencut import TokenCut
-        impl = TokenCut(cfg, backbone=backbone)
+        impl = TokenCut(cfg.tokencut, backbone=backbone)
 
     def run(keys: torch.Tensor) -> list[PseudoMasks]:
         return run_method(impl, keys)
 
     run.impl = impl  # type: ignore[attr-defined]
-    run.config = to_dict(cfg)  # type: ignore[attr-defined]
+    run.config = to_dict(getattr(cfg, method))  # type: ignore[attr-defined]
     return run
 
 
@@ -130,7 +170,7 @@ class PseudoMasks:
 
 
 def run_method(impl: Any, keys: torch.Tensor) -> list[PseudoMasks]:
-    from labelwise.methods.oap.pooling import OnlineAgglomerativePooling
+    from labelwise.pseudo.oap.pooling import OnlineAgglomerativePooling
 
     out = []
     if isinstance(impl, OnlineAgglomerativePooling):

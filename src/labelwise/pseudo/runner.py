@@ -1,39 +1,38 @@
-"""Sharded, resumable pseudo-mask generation for a folder of images.
+"""Pseudo-masks for a folder of images (or any dataset split), through the inference engine.
 
-Layout while running (``OUT = FILE.json``)::
+``generate(method, images, out, ...)`` / ``generate_from_spec(method, spec, split, out, ...)``
+run :func:`labelwise.engine.predict.run_predict` with the ``coco_rle`` writer
+(:class:`labelwise.engine.writers.CocoRLEWriter`). While running (``OUT = FILE.json``)::
 
-    FILE.json.parts/meta.json             method, backbone and resolved params of the run
+    FILE.json.parts/meta.json             method, backbone and resolved settings of the run
     FILE.json.parts/shard-RANK.jsonl      one line per finished image (flushed per batch)
 
-Under ``torchrun`` rank ``r`` of ``W`` processes ``images[r::W]``. Re-running skips every
-image that already has a line in *any* shard file (so a run may resume with another
-world size); a truncated last line (killed mid-write) is ignored and redone. At the end
-rank 0 merges all shards into ``FILE.json`` (atomic; COCO results list ordered by file,
-``image_id`` = 1-based index of the file in the sorted folder listing), writes unreadable
-images with their reason to ``FILE.skipped.txt`` and removes the parts folder. With
-``clusters=K`` the mask embeddings of each level are clustered (k-means) and
+Under ``torchrun`` rank ``r`` of ``W`` processes images ``r, r + W, ...``. Re-running skips
+every image that already has a line in *any* shard file (so a run may resume with another
+world size); a line torn by a kill is ignored and redone. At the end rank 0 merges the
+shards into ``FILE.json`` (atomic; COCO results ordered by file, ``image_id`` = 1-based
+position of the image in the dataset, i.e. in the sorted folder listing), lists unreadable
+images with their reason in ``FILE.skipped.txt`` and removes the parts folder. With
+``cluster.k = K`` the mask embeddings of each level are clustered (k-means) and
 ``category_id`` becomes the cluster id + 1.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from labelwise import dist
+from labelwise.config import to_dict
 from labelwise.errors import LabelwiseError
-from labelwise.io import atomic_write_json, atomic_write_text, list_images, read_image
-from labelwise.pseudo.common import (FeatureExtractor, build_method, decode_embedding, kmeans, mask_records,
-                                     upsample_masks)
-from labelwise.utils import progress
+from labelwise.io import list_images
+from labelwise.pseudo.common import (FeatureExtractor, PseudoMaskConfig, build_method, decode_embedding, kmeans,
+                                     mask_records, resolve_pseudo_config, upsample_masks)
 
-__all__ = ["generate", "parts_dir", "skipped_path", "merge_parts"]
+__all__ = ["generate", "generate_from_spec", "run_pseudo_masks", "parts_dir", "skipped_path", "write_cluster_maps"]
 
 
 def parts_dir(out: Path) -> Path:
@@ -45,108 +44,99 @@ def skipped_path(out: Path) -> Path:
     return out.with_name(out.stem + ".skipped.txt")
 
 
-def _read_done(pdir: Path) -> dict[str, dict]:
-    done: dict[str, dict] = {}
-    for f in sorted(pdir.glob("shard-*.jsonl")):
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:     # truncated by a kill: redo that image
-                    continue
-                done[rec["file_name"]] = rec
-    return done
+def _flags(backbone=None, weights=None, resolution=None, grid=None, batch_size=None, clusters=None,
+           levels=None, random_init=None, seed=None) -> dict:
+    """Command-line flags as a config layer (only those given)."""
+    feats = {k: v for k, v in dict(backbone=backbone, weights=weights, resolution=resolution, grid=grid,
+                                   batch_size=batch_size, random_init=random_init).items() if v is not None}
+    out: dict[str, Any] = {"features": feats} if feats else {}
+    cl = {k: v for k, v in dict(k=clusters, seed=seed).items() if v is not None}
+    if cl:
+        out["cluster"] = cl
+    if levels is not None:
+        out["levels"] = list(levels)
+    return out
 
 
-def _open_append(path: Path):
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            needs_nl = fh.read(1) != b"\n"
-        fh = open(path, "a", encoding="utf-8")
-        if needs_nl:
-            fh.write("\n")
-        return fh
-    return open(path, "a", encoding="utf-8")
+def generate(method: str, images: str | Path, out: str | Path, *, overrides: Sequence[str] = (),
+             device: Any = "cpu", keep_parts: bool = False, extractor: FeatureExtractor | None = None,
+             show_progress: bool = True, **flags) -> dict:
+    """Pseudo-masks for every image below the folder ``images`` into ``out`` (see module doc).
+
+    ``flags``: ``backbone``, ``weights``, ``resolution``, ``grid``, ``batch_size``, ``clusters``,
+    ``levels``, ``random_init``, ``seed`` (the command-line flags); ``overrides`` are dotted
+    ``--set`` keys of :class:`~labelwise.pseudo.common.PseudoMaskConfig`.
+    """
+    images = Path(images)
+    if not images.is_dir():
+        list_images(images)  # the one-line "folder not found" error
+    return generate_from_spec(method, f"folder:{images}", None, out, overrides=overrides, device=device,
+                              keep_parts=keep_parts, extractor=extractor, show_progress=show_progress, **flags)
 
 
-def generate(method: str, images: str | Path, out: str | Path, *, backbone: str = "dino_vitb8",
-             weights: str | None = None, resolution: int = 448, batch_size: int = 4, device: Any = "cpu",
-             overrides: Sequence[str] = (), grid: int | None = None, clusters: int | None = None,
-             levels: Sequence[str] = ("instance", "semantic"), keep_parts: bool = False,
-             random_init: bool = False, seed: int = 0, extractor: FeatureExtractor | None = None) -> dict:
-    """Generate pseudo-masks for every image below ``images`` into ``out`` (see module doc)."""
-    images, out = Path(images), Path(out)
-    files = list_images(images)
-    if not files:
-        raise LabelwiseError(f"{images}: no images found (looked for .jpg/.jpeg/.png/... recursively)")
+def generate_from_spec(method: str, spec: str, split: str | None, out: str | Path, *,
+                       overrides: Sequence[str] = (), device: Any = "cpu", keep_parts: bool = False,
+                       extractor: FeatureExtractor | None = None, show_progress: bool = True, **flags) -> dict:
+    """Pseudo-masks for split ``split`` of dataset ``spec`` (``FORMAT:PATH``) into ``out``."""
+    cfg = resolve_pseudo_config(method, overrides, _flags(**flags))
+    return run_pseudo_masks(method, spec, split, out, cfg, device=device, keep_parts=keep_parts,
+                            extractor=extractor, show_progress=show_progress)
+
+
+def run_pseudo_masks(method: str, spec: str, split: str | None, out: str | Path, cfg: PseudoMaskConfig, *,
+                     device: Any = "cpu", keep_parts: bool = False, extractor: FeatureExtractor | None = None,
+                     show_progress: bool = True) -> dict:
+    from labelwise.data import build_dataset
+    from labelwise.engine.predict import run_predict
+    from labelwise.engine.writers import CocoRLEWriter
+    from labelwise.utils import resolve_device
+
+    out = Path(out)
     if out.suffix.lower() != ".json":
         raise LabelwiseError(f"--out {out}: give a .json file name for the COCO results")
-    if batch_size < 1:
-        raise LabelwiseError("--batch-size must be >= 1")
-    run = build_method(method, overrides, backbone=backbone)   # validates --set before any heavy work
-    if extractor is None:                                       # validates backbone / weights up front
-        extractor = FeatureExtractor(backbone, weights, resolution, device, grid, random_init=random_init)
-    rel = [p.relative_to(images).as_posix() for p in files]
-    rank, world = dist.get_rank(), dist.get_world_size()
-    pdir = parts_dir(out)
-    meta = {"method": method, "backbone": backbone, "weights": str(weights) if weights else None,
-            "resolution": resolution, "grid": grid, "levels": list(levels), "params": run.config}
-    if dist.is_main():
-        pdir.mkdir(parents=True, exist_ok=True)
-        mpath = pdir / "meta.json"
-        if mpath.exists():
-            old = json.loads(mpath.read_text())
-            if old != json.loads(json.dumps(meta)):
-                raise LabelwiseError(f"{pdir}: unfinished results of a run with other settings; delete that folder "
-                                     "or rerun with the same method, backbone and --set values")
-        else:
-            atomic_write_json(mpath, meta)
-    dist.barrier()
-    pdir.mkdir(parents=True, exist_ok=True)
-    done = _read_done(pdir)
-    todo = [i for i in range(rank, len(files), world) if rel[i] not in done]
-    shard = pdir / f"shard-{rank:05d}.jsonl"
-    if todo:
-        with _open_append(shard) as fh:
-            batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
-            bar = progress(batches, desc=f"{method} pseudo-masks", total=len(batches))
-            for batch in bar:
-                imgs, ok, lines = [], [], []
-                for i in batch:
-                    try:
-                        imgs.append(read_image(files[i]))
-                        ok.append(i)
-                    except LabelwiseError as e:
-                        lines.append({"file_name": rel[i], "status": "skipped", "reason": str(e)})
-                if ok:
-                    keys = extractor(imgs)
-                    results = run(keys)
-                    for i, img, pm in zip(ok, imgs, results):
-                        sel = [k for k, lv in enumerate(pm.levels) if lv in levels]
-                        masks = upsample_masks(pm.masks[sel], img.shape[:2])
-                        keep = None
-                        post = getattr(run.impl, "postprocess", None)
-                        if post is not None:
-                            keep = post(img, masks)
-                        sub = _subset(pm, sel)
-                        lines.append({"file_name": rel[i], "status": "ok", "height": img.shape[0],
-                                      "width": img.shape[1], "masks": mask_records(sub, masks, keep)})
-                for rec in lines:
-                    fh.write(json.dumps(rec) + "\n")
-                fh.flush()                                     # a finished batch survives a kill
-                os.fsync(fh.fileno())
-    dist.barrier()
-    summary = {}
-    if dist.is_main():
-        summary = merge_parts(out, rel, clusters=clusters, seed=seed)
-        if not keep_parts:
-            shutil.rmtree(pdir, ignore_errors=True)
-    dist.barrier()
-    return summary
+    run = build_method(method, cfg)                               # validates settings before heavy work
+    ds = build_dataset(spec, split)
+    fc = cfg.features
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if extractor is None:                                          # validates backbone / weights up front
+        extractor = FeatureExtractor(fc.backbone, fc.weights, fc.resolution, device, fc.grid,
+                                     random_init=fc.random_init)
+    levels = tuple(cfg.levels)
+    meta = {"method": method, "data": spec, "split": split, "features": to_dict(fc), "levels": list(levels),
+            "params": run.config}
+    merge = _cluster_merge(cfg.cluster.k, cfg.cluster.seed) if cfg.cluster.k else _drop_embeddings
+    writer = CocoRLEWriter(out, meta=meta, merge=merge, keep_parts=keep_parts)
+    post = getattr(run.impl, "postprocess", None)
+
+    def predict(batch: dict) -> list[dict]:
+        results = run(extractor.features(batch["inputs"]))
+        payloads = []
+        for item, pm in zip(batch["items"], results):
+            sel = [k for k, lv in enumerate(pm.levels) if lv in levels]
+            masks = upsample_masks(pm.masks[sel], item["image"].shape[:2])
+            keep = post(item["image"], masks) if post is not None else None
+            payloads.append({"masks": mask_records(_subset(pm, sel), masks, keep)})
+        return payloads
+
+    summary = run_predict(predict, ds, {"masks": writer}, transform=_Resize(extractor.resolution),
+                          batch_size=fc.batch_size, num_workers=fc.num_workers, device=extractor.device,
+                          skip_bad=True, show_progress=show_progress, desc=f"{method} pseudo-masks")
+    return summary["writers"]["masks"]
+
+
+class _Resize:
+    """DataLoader-side: the image as a ``3 x r x r`` float tensor in [0, 1] (``input``)."""
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+
+    def __call__(self, item: dict) -> dict:
+        import torch.nn.functional as Fn
+
+        x = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float().div(255.0)[None]
+        r = self.resolution
+        x = Fn.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)[0]
+        return {"image": item["image"], "image_id": item["image_id"], "file_name": item["file_name"], "input": x}
 
 
 def _subset(pm, sel: list[int]):
@@ -157,48 +147,32 @@ def _subset(pm, sel: list[int]):
                        layers=pm.layers[idx], embeddings=pm.embeddings[idx])
 
 
-def merge_parts(out: Path, rel: list[str], clusters: int | None = None, seed: int = 0) -> dict:
-    """Merge shard files into the COCO results json (+ skipped report). Returns a summary."""
-    out = Path(out)
-    done = _read_done(parts_dir(out))
-    results, skipped, n_img = [], [], 0
-    for image_id, name in enumerate(rel, start=1):
-        rec = done.get(name)
-        if rec is None:
-            skipped.append(f"{name}\tnot processed (missing from the shard files)")
-            continue
-        if rec["status"] != "ok":
-            skipped.append(f"{name}\t{rec.get('reason', 'unreadable')}")
-            continue
-        n_img += 1
-        for m in rec["masks"]:
-            results.append({"image_id": image_id, "file_name": name, **m})
-    if clusters:
+def _drop_embeddings(results: list[dict]) -> list[dict]:
+    for r in results:
+        r.pop("embedding", None)
+    return results
+
+
+def _cluster_merge(k: int, seed: int):
+    def merge(results: list[dict]) -> list[dict]:
         for level in ("instance", "semantic"):
-            idx = [k for k, r in enumerate(results) if r["level"] == level]
+            idx = [i for i, r in enumerate(results) if r["level"] == level]
             if not idx:
                 continue
-            emb = torch.from_numpy(np.stack([decode_embedding(results[k]["embedding"]) for k in idx]))
-            labels, _ = kmeans(emb, clusters, seed=seed)
-            for k, lab in zip(idx, labels.tolist()):
-                results[k]["category_id"] = int(lab) + 1
-    for i, r in enumerate(results, start=1):
-        r.pop("embedding", None)
-        r["id"] = i
-    atomic_write_json(out, results, indent=None)
-    sp = skipped_path(out)
-    if skipped:
-        atomic_write_text(sp, "\n".join(skipped) + "\n")
-    elif sp.exists():
-        sp.unlink()
-    return {"images": n_img, "masks": len(results), "skipped": len(skipped), "out": str(out),
-            "skipped_report": str(sp) if skipped else None}
+            emb = torch.from_numpy(np.stack([decode_embedding(results[i]["embedding"]) for i in idx]))
+            labels, _ = kmeans(emb, k, seed=seed)
+            for i, lab in zip(idx, labels.tolist()):
+                results[i]["category_id"] = int(lab) + 1
+        return _drop_embeddings(results)
+    return merge
 
 
 def write_cluster_maps(out: str | Path, images: str | Path, maps_dir: str | Path, level: str = "semantic") -> int:
     """Paint the clustered masks of ``level`` (ascending score, best on top) into
-    ``maps_dir/<file stem>.png`` cluster-id maps (0..K-1, 255 = none). Returns the count."""
-    from labelwise.io import write_label
+    ``maps_dir/<file stem>.png`` cluster-id maps (0..K-1, 255 = none); every image of the
+    folder gets a map (all 255 when it has no mask), so ``evaluate unsupervised`` sees them all.
+    Returns the number of maps written."""
+    from labelwise.io import read_image, write_label
     from labelwise.masks import decode_mask
 
     results = json.loads(Path(out).read_text())
@@ -206,14 +180,19 @@ def write_cluster_maps(out: str | Path, images: str | Path, maps_dir: str | Path
     for r in results:
         if r["level"] == level:
             by_file.setdefault(r["file_name"], []).append(r)
-    files = [p.relative_to(images).as_posix() for p in list_images(images)]
+    images = Path(images)
     maps_dir = Path(maps_dir)
     n = 0
-    for name in files:
+    for path in list_images(images):
+        name = path.relative_to(images).as_posix()
         recs = sorted(by_file.get(name, []), key=lambda r: r["score"])
-        if not recs:
-            continue
-        h, w = recs[0]["segmentation"]["size"]
+        if recs:
+            h, w = recs[0]["segmentation"]["size"]
+        else:
+            try:
+                h, w = read_image(path).shape[:2]
+            except LabelwiseError:
+                continue  # unreadable: listed in FILE.skipped.txt
         lab = np.full((h, w), 255, dtype=np.uint8)
         for r in recs:                                 # a few dozen masks per image
             lab[decode_mask(r["segmentation"]).astype(bool)] = min(int(r["category_id"]) - 1, 254)

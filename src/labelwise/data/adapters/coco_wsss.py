@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from labelwise.data.spec import FileDataset, read_split_file, register_format
+from labelwise.data.files import FileDataset, read_split_file
+from labelwise.data.spec import register_format
 from labelwise.data.tags import read_tags_file
 from labelwise.errors import LabelwiseError
 from labelwise.io import IGNORE_INDEX

@@ -23,12 +23,20 @@ from typing import Any
 from labelwise.errors import LabelwiseError
 
 KINDS = ("cooc", "parts", "objects")
+SPEC_FORMAT = {"cooc": "voc", "parts": "parts", "objects": "coco"}  # the --data format each testbed is read with
 DEFAULT_TRAIN = 200
 DEFAULT_VAL = 50
 DEFAULT_SIZE = 128
 DEFAULT_SEED = 0
 
-__all__ = ["KINDS", "generate", "options", "load_meta", "DEFAULT_TRAIN", "DEFAULT_VAL", "DEFAULT_SIZE"]
+__all__ = ["KINDS", "SPEC_FORMAT", "generate", "options", "load_meta", "testbed_spec", "DEFAULT_TRAIN", "DEFAULT_VAL",
+           "DEFAULT_SIZE"]
+
+
+def testbed_spec(kind: str, root: str | Path) -> str:
+    """The ``--data`` spec of testbed ``kind`` written to ``root`` (``voc:ROOT``, ``parts:ROOT``, ``coco:ROOT``)."""
+    _module(kind)
+    return f"{SPEC_FORMAT[kind]}:{Path(root).expanduser().resolve()}"
 
 
 def _module(kind: str):

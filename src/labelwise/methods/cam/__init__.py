@@ -1,6 +1,6 @@
 """The ``cam`` method: CAM baseline for weakly supervised semantic segmentation."""
 
-from labelwise.methods import register_method
+from labelwise.engine.registry import register_method
 from labelwise.methods.cam.config import CAMConfig
 from labelwise.methods.cam.method import CAMMethod
 from labelwise.methods.cam.model import CAMNet

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from labelwise.config import param
-from labelwise.engine.config import BaseConfig
+from labelwise.engine.config import BaseConfig, InferConfig
 
 
 @dataclass
 class CAMModelConfig:
     backbone: str = param("efficientnet_lite0", help="backbone alias or timm name (CNN or ViT)")
     pretrained: bool = param(True, help="load the backbone's local pretrained weights (no download)")
-    weights: str | None = param(None, help="path to a backbone checkpoint (overrides pretrained)")
+    weights: str | None = param(None, path=True, help="path to a backbone checkpoint (overrides pretrained)")
     feature_strides: list[int] = param([16, 32], choices=(4, 8, 16, 32),
                                        help="CNN: feature levels concatenated (upsampled to the finest) for the CAM; "
                                             "ViT: ignored (the patch-token grid is used)")
@@ -27,7 +27,7 @@ class CAMLossConfig:
 
 
 @dataclass
-class CAMInferConfig:
+class CAMInferConfig(InferConfig):
     scales: list[float] = param([1.0, 0.5, 1.5, 2.0], range=(0.05, 8.0), help="multi-scale CAM scales")
     flip: bool = param(True, help="add horizontally flipped inputs")
     bg_threshold: float = param(0.3, range=(0.0, 1.0), help="pixels whose best present CAM <= this are background")

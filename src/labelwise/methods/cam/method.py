@@ -3,10 +3,11 @@
 Training: a multi-label classifier on image-level tags (multilabel soft-margin loss on
 the pooled CAM logits; Zhou et al. 2016 CAM with a 1x1-conv head, see ``model.py``).
 
-Inference (``labelwise infer RUN --what seeds|masks``):
+Inference (``labelwise infer RUN --what masks,seeds``: both from one CAM pass):
 
 * CAMs: multi-scale + flip (``infer.scales``, ``infer.flip``) at image size, ReLU'd,
-  summed and max-normalised per class (``labelwise.blocks.cam.multiscale_cam``);
+  summed and max-normalised per class (``labelwise.blocks.cam.multiscale_cam``), batched
+  over consecutive images of one size;
 * classes kept: the split's image tags (for the training split these are derived from
   the label PNGs or given by ``ImageSets/Tags`` — standard WSSS practice); for images
   without tags (e.g. a ``folder:`` dataset without ``tags.csv``), the classes whose
@@ -21,27 +22,26 @@ Inference (``labelwise infer RUN --what seeds|masks``):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelwise import dist
 from labelwise.blocks.cam import cam_to_label, multiscale_cam
 from labelwise.engine.data import SeededDataset
-from labelwise.engine.method import Method, StepContext
+from labelwise.engine.method import Method, PredictContext, StepContext
 from labelwise.errors import LabelwiseError
 from labelwise.methods.cam.config import CAMConfig
 from labelwise.methods.cam.model import CAMNet
-from labelwise.utils import progress
 
 
 class _CamTrainTransform:
     """Per-sample augmentation (labelwise.data.transforms) driven by the sampler's seed."""
 
     def __init__(self, cfg):
+        from labelwise.modeling.backbones import pixel_stats
+
         self.cfg = cfg
+        self.fill = pixel_stats(cfg.model.backbone)[0]  # crops are padded with the backbone's mean colour
 
     def __call__(self, item: dict, rng: np.random.Generator) -> dict:
         from labelwise.data.transforms import TrainTransform
@@ -54,47 +54,61 @@ class _CamTrainTransform:
         g.manual_seed(int(rng.integers(0, 2 ** 62)))
         j = d.color_jitter
         tf = TrainTransform(crop_size=d.crop_size, scale_range=tuple(d.scale_range), flip_p=0.5 if d.flip else 0.0,
-                            jitter=(j, j, j, min(j / 4, 0.5)) if j > 0 else None,
-                            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), generator=g)  # the model normalises
+                            jitter=(j, j, j, min(j / 4, 0.5)) if j > 0 else None, fill=self.fill, generator=g)
         out = tf({"image": item["image"]})
         return {"image": out["image"].as_subclass(torch.Tensor),
                 "tags": torch.as_tensor(np.asarray(item["tags"], dtype=np.float32))}
 
 
-def image_tensor(image: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float().div_(255.0)
+class _CamInferTransform:
+    """DataLoader-side: the image as a [0, 1] tensor, shrunk so its long side is <= ``infer.max_size``."""
 
+    def __init__(self, max_size: int):
+        self.max_size = max_size
 
-@torch.no_grad()
-def image_cams(model: CAMNet, image: np.ndarray, tags: np.ndarray | None, cfg, *, scales=None, flip=None,
-               tag_mode: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """Normalised CAMs (K x H x W, fp32) of the kept classes and their class indices (K,)."""
-    ic = cfg.infer
-    dev = next(model.parameters()).device
-    x = image_tensor(image, dev)
-    H, W = x.shape[-2:]
-    if ic.max_size and max(H, W) > ic.max_size:
-        s = ic.max_size / max(H, W)
-        x = F.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))), mode="bilinear", align_corners=False)
-    mode = tag_mode or ic.tags
-    if mode == "gt" and tags is None:
-        raise LabelwiseError("config key 'infer.tags' is gt but the split has no image-level tags; use auto or pred")
-    if mode == "pred" or tags is None:
-        logits = model(F.interpolate(x, size=_snap(x.shape[-2:], model.size_divisor), mode="bilinear",
-                                     align_corners=False))[0][0]
-        present = torch.sigmoid(logits.float()) > ic.pred_threshold
-    else:
-        present = torch.as_tensor(np.asarray(tags) > 0, device=dev)
-    keys = (torch.nonzero(present).flatten() + 1).cpu().numpy().astype(np.int64)
-    if len(keys) == 0:
-        return torch.zeros((0, H, W), device=dev), keys
-    cams = multiscale_cam(model.cams, x, scales=list(scales or ic.scales), flip=ic.flip if flip is None else flip,
-                          out_size=(H, W))[0]
-    return cams[torch.as_tensor(keys - 1, device=dev)], keys
+    def __call__(self, item: dict) -> dict:
+        x = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float().div_(255.0)
+        H, W = x.shape[-2:]
+        if self.max_size and max(H, W) > self.max_size:
+            s = self.max_size / max(H, W)
+            x = F.interpolate(x[None], size=(max(1, round(H * s)), max(1, round(W * s))), mode="bilinear",
+                              align_corners=False)[0]
+        return {**item, "input": x}
 
 
 def _snap(hw, d: int) -> tuple[int, int]:
     return tuple(max(d, round(v / d) * d) for v in hw)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def batch_cams(model: CAMNet, x: torch.Tensor, tags: list[np.ndarray | None], cfg, *, scales=None,
+               flip=None) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Normalised CAMs of the kept classes for a batch ``x`` (``B x 3 x h x w`` in [0, 1]).
+
+    ``tags[b]`` are image ``b``'s image-level tags (None: unknown). Returns, per image,
+    ``(cams K x h x w fp32, class indices K)``; the classes kept follow ``infer.tags``.
+    """
+    ic = cfg.infer
+    mode = ic.tags
+    if mode == "gt" and any(t is None for t in tags):
+        raise LabelwiseError("config key 'infer.tags' is gt but the split has no image-level tags; use auto or pred")
+    need_pred = [mode == "pred" or t is None for t in tags]
+    present = torch.zeros(x.shape[0], model.head.classifier.out_channels, dtype=torch.bool, device=x.device)
+    if any(need_pred):
+        logits = model(F.interpolate(x, size=_snap(x.shape[-2:], model.size_divisor), mode="bilinear",
+                                     align_corners=False))[0]
+        present |= (torch.sigmoid(logits.float()) > ic.pred_threshold) & torch.tensor(need_pred, device=x.device)[:, None]
+    for b, t in enumerate(tags):
+        if not need_pred[b]:
+            present[b] = torch.as_tensor(np.asarray(t) > 0, device=x.device)
+    cams = multiscale_cam(model.cams, x, scales=list(scales or ic.scales), flip=ic.flip if flip is None else flip,
+                          out_size=tuple(x.shape[-2:]))
+    present_cpu = present.cpu()
+    out = []
+    for b in range(x.shape[0]):  # per image: its own set of classes (a handful)
+        keys = (torch.nonzero(present_cpu[b]).flatten() + 1).numpy().astype(np.int64)
+        out.append((cams[b, torch.as_tensor(keys - 1, device=x.device)], keys))
+    return out
 
 
 def cams_to_mask(cams: torch.Tensor, keys: np.ndarray, image: np.ndarray, cfg) -> np.ndarray:
@@ -121,15 +135,18 @@ class CAMMethod(Method):
     name = "cam"
     config_cls = CAMConfig
     description = "plain CAM baseline (multi-label classification on tags)"
-    infer_outputs = ("masks", "seeds")
+    outputs = {"masks": "label_png", "seeds": "cam_npz"}
 
-    def build_model(self, cfg, info):
-        return CAMNet(cfg, info.num_foreground)
+    def build_model(self, cfg, info, *, pretrained=True):
+        return CAMNet(cfg, info.num_foreground, pretrained=pretrained)
 
-    def build_train_dataset(self, cfg, spec, info=None):
+    def build_train_dataset(self, cfg, spec, info=None, *, labels_dir=None, seeds_dir=None):
+        if labels_dir is not None or seeds_dir is not None:
+            raise LabelwiseError("the cam method trains on image-level tags only; --labels / --seeds are for "
+                                 "methods that train on another stage's outputs (e.g. segmenter, irn)")
         return SeededDataset(self.load_split(cfg, spec, cfg.data.train_split), _CamTrainTransform(cfg))
 
-    def training_step(self, model, batch, step, ctx: StepContext):
+    def training_step(self, model, batch, ctx: StepContext):
         logits, _ = model(batch["image"])
         cls = F.multilabel_soft_margin_loss(logits.float(), batch["tags"].float())
         return {"loss": ctx.cfg.loss.cls_weight * cls, "cls": cls.detach()}
@@ -148,31 +165,37 @@ class CAMMethod(Method):
         if n == 0 or ds.load_mask(0) is None:
             return None
         metric = SemanticMetric(ctx.info.num_classes, ctx.info.class_names)
+        tf = _CamInferTransform(cfg.infer.max_size)
         for i in range(ctx.rank, n, ctx.world_size):
-            item = ds[i]
-            cams, keys = image_cams(model, item["image"], item.get("tags"), cfg, scales=[1.0], flip=False)
-            metric.update(cams_to_mask(cams, keys, item["image"], cfg), item["mask"])
+            item = tf(ds[i])
+            x = item["input"][None].to(ctx.device)
+            [(cams, keys)] = batch_cams(model, x, [item.get("tags")], cfg, scales=[1.0], flip=False)
+            metric.update(cams_to_mask(_to_image_size(cams, item["image"]), keys, item["image"], cfg), item["mask"])
         res = metric.compute()
         return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"]}
 
-    def infer(self, model, cfg, info, spec, split, out: Path, what, **kw):
-        from labelwise.data.spec import build_dataset
-        from labelwise.io import atomic_save_npz, write_label
+    # ------------------------------------------------------------------ inference
+    def inference_transform(self, cfg, info):
+        return _CamInferTransform(cfg.infer.max_size)
 
-        ds = build_dataset(spec, split)
-        if ds.num_classes > 1 and ds.num_classes != info.num_classes:  # a plain folder has no class list
-            raise LabelwiseError(f"{spec} has {ds.num_classes} classes but the run was trained with "
-                                 f"{info.num_classes}; pass a dataset with the same class list")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        for i in progress(range(rank, len(ds), world), desc=f"cam {what}", total=len(range(rank, len(ds), world))):
-            item = ds[i]
-            cams, keys = image_cams(model, item["image"], item.get("tags"), cfg)
-            path = Path(out) / item["image_id"]
-            if what == "seeds":
-                atomic_save_npz(path.with_name(path.name + ".npz"), cams=cams.cpu().numpy().astype(np.float16),
-                                keys=keys)
-            else:
-                write_label(path.with_name(path.name + ".png"),
-                            cams_to_mask(cams, keys, item["image"], cfg))
-        dist.barrier()
-        return Path(out)
+    def predict(self, model, batch, ctx: PredictContext):
+        items = batch["items"]
+        per_image = batch_cams(model, batch["inputs"], [it.get("tags") for it in items], ctx.cfg)
+        out = []
+        for item, (cams, keys) in zip(items, per_image):
+            cams = _to_image_size(cams, item["image"])
+            res = {}
+            if "seeds" in ctx.what:
+                res["seeds"] = {"cams": cams.cpu().numpy().astype(np.float16), "keys": keys}
+            if "masks" in ctx.what:
+                res["masks"] = cams_to_mask(cams, keys, item["image"], ctx.cfg)
+            out.append(res)
+        return out
+
+
+def _to_image_size(cams: torch.Tensor, image: np.ndarray) -> torch.Tensor:
+    """CAMs computed on a shrunk input (``infer.max_size``) back at the image's size."""
+    H, W = image.shape[:2]
+    if tuple(cams.shape[-2:]) == (H, W) or cams.shape[0] == 0:
+        return cams if cams.shape[0] else cams.new_zeros((0, H, W))
+    return F.interpolate(cams[None], size=(H, W), mode="bilinear", align_corners=False)[0]

@@ -7,8 +7,9 @@ Feature map the CAM is computed on:
   that still sees the last (most semantic) stage;
 * ViT: the final patch-token grid (``BackboneOutput.tokens``), i.e. stride = patch size.
 
-Inputs are images in [0, 1] (``B x 3 x H x W``); the model applies the backbone's own
-mean/std (``Backbone.normalize``), so datasets do not depend on the backbone.
+Inputs are images in [0, 1] (``B x 3 x H x W``); the backbone applies its own mean/std,
+so datasets do not depend on the backbone. A CNN backbone is built only up to the deepest
+stride the CAM uses (no unused layers: DDP needs every parameter in the loss).
 """
 
 from __future__ import annotations
@@ -22,23 +23,26 @@ from labelwise.errors import LabelwiseError
 
 
 class CAMNet(nn.Module):
-    def __init__(self, cfg, num_foreground: int):
+    def __init__(self, cfg, num_foreground: int, pretrained: bool = True):
         super().__init__()
         from labelwise.modeling.backbones import create_backbone
 
         m = cfg.model
-        self.backbone = create_backbone(m.backbone, pretrained=m.pretrained and not m.weights, weights=m.weights)
+        strides = sorted(set(m.feature_strides))
+        try:  # pretrained=False: a finished run is being loaded, its checkpoint holds every weight
+            self.backbone = create_backbone(m.backbone, pretrained=pretrained and m.pretrained and not m.weights,
+                                            weights=m.weights if pretrained else None, strides=strides)
+        except LabelwiseError as e:
+            if "stride" in str(e):
+                raise LabelwiseError(f"config key 'model.feature_strides' = {strides}: {e}") from None
+            raise
         bb = self.backbone
         if bb.is_vit:
             self.levels: list[int] = []
             in_ch = bb.embed_dim
             self.size_divisor = bb.patch_size
         else:
-            missing = [s for s in m.feature_strides if s not in bb.strides]
-            if missing:
-                raise LabelwiseError(f"config key 'model.feature_strides' has {missing} but backbone '{m.backbone}' "
-                                     f"has strides {bb.strides}")
-            self.levels = [bb.strides.index(s) for s in sorted(set(m.feature_strides))]
+            self.levels = [bb.strides.index(s) for s in strides]
             in_ch = sum(bb.channels[i] for i in self.levels)
             self.size_divisor = max(m.size_divisor, max(bb.strides[i] for i in self.levels))
         self.head = CAMHead(in_ch, num_foreground, pooling=m.pooling)
@@ -54,7 +58,7 @@ class CAMNet(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            out = self.backbone(self.backbone.normalize(images))
+            out = self.backbone(images)
         if self.backbone.is_vit:
             return out.tokens
         feats = [out.features[i] for i in self.levels]
@@ -75,3 +79,4 @@ class CAMNet(nn.Module):
         if (h, w) != (H, W):
             images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
         return self(images)[1]
+

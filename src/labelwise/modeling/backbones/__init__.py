@@ -8,11 +8,12 @@ from labelwise.modeling.backbones.backbone import (
     create_classifier,
     image_to_tensor,
 )
-from labelwise.modeling.backbones.registry import ALIASES, IMAGENET_MEAN, IMAGENET_STD, list_backbones, resolve_name
+from labelwise.modeling.backbones.registry import (ALIASES, IMAGENET_MEAN, IMAGENET_STD, list_backbones, pixel_stats,
+                                                  resolve_name)
 from labelwise.modeling.backbones.weights import fit_state_dict, load_into, read_checkpoint
 
 __all__ = [
     "ALIASES", "Backbone", "BackboneOutput", "IMAGENET_MEAN", "IMAGENET_STD", "PYRAMID_STRIDES",
     "create_backbone", "create_classifier", "fit_state_dict", "image_to_tensor", "list_backbones",
-    "load_into", "read_checkpoint", "resolve_name",
+    "load_into", "pixel_stats", "read_checkpoint", "resolve_name",
 ]

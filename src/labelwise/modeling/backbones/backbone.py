@@ -1,6 +1,10 @@
 """One backbone wrapper over timm models that gives every method what it needs.
 
-``create_backbone(name)`` returns a :class:`Backbone`; ``Backbone(x, ...)`` returns a
+``create_backbone(name)`` returns a :class:`Backbone`; ``Backbone(x, ...)`` takes images
+as floats in [0, 1] (``B x 3 x H x W``, RGB) and applies the backbone's own pixel mean /
+std itself (non-persistent buffers ``pixel_mean`` / ``pixel_std``: EfficientNet-Lite and
+the AugReg ViTs use 0.5 / 0.5, DINO / DeiT / ResNet / ConvNeXt the ImageNet statistics), so
+datasets and methods never depend on which backbone runs. It returns a
 :class:`BackboneOutput` with
 
 * ``features``: multi-scale maps at ``strides`` (4, 8, 16, 32).
@@ -30,6 +34,13 @@
   (before the final norm), patch tokens as ``B x D x h x w``; negative indices count from
   the end (``-3`` = third-last block, SeCo's auxiliary CAM); the dict is keyed by the
   index *as given*. CNN: the timm feature stage ``i`` (``feature_info`` order).
+
+Only the layers a caller uses are built: ``create_backbone(name, strides=(16, 32))`` keeps
+a CNN's stages up to the deepest requested stride and drops everything after it (later
+stages, the head conv / final norm, the classifier), so every parameter takes part in the
+loss -- which DDP requires (``find_unused_parameters=False``). ``tokens`` / ``keys`` are
+then the deepest kept stage. Weights are loaded before pruning, so the kept parameters
+keep their upstream names.
 
 Input sizes: ViTs run at any size (``dynamic_img_size``; the position embedding is
 resampled bicubically to the patch grid at each call). Height and width must be
@@ -82,7 +93,8 @@ def _is_vit(model: nn.Module) -> bool:
 class Backbone(nn.Module):
     """A timm model with labelwise's uniform outputs (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, *, name: str = "", mean=None, std=None, pad_input: bool = False):
+    def __init__(self, model: nn.Module, *, name: str = "", mean=None, std=None, pad_input: bool = False,
+                 strides: Sequence[int] | None = None):
         super().__init__()
         self.model = model
         self.name = name or type(model).__name__
@@ -91,6 +103,9 @@ class Backbone(nn.Module):
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(float(v) for v in (mean or cfg.get("mean") or IMAGENET_MEAN))
         self.std = tuple(float(v) for v in (std or cfg.get("std") or IMAGENET_STD))
+        # Non-persistent: they follow .to(device) but stay out of state dicts (upstream key names).
+        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
         self.weights_layout: str | None = None  # set when weights are loaded
         if self.is_vit:
             ps = model.patch_embed.patch_size
@@ -105,8 +120,11 @@ class Backbone(nn.Module):
             self.num_heads = int(attn0.num_heads)
             self.num_prefix_tokens = int(model.num_prefix_tokens)
             self.depth = len(model.blocks)
-            self.channels = [self.embed_dim] * len(PYRAMID_STRIDES)
-            self.strides = list(PYRAMID_STRIDES)
+            self.strides = sorted(set(int(v) for v in strides)) if strides is not None else list(PYRAMID_STRIDES)
+            if set(self.strides) - set(PYRAMID_STRIDES):
+                raise LabelwiseError(f"backbone '{self.name}': feature strides must be among {list(PYRAMID_STRIDES)}, "
+                                     f"got {list(strides)}")
+            self.channels = [self.embed_dim] * len(self.strides)
         else:
             self.patch_size = None
             self.num_heads = None
@@ -116,18 +134,26 @@ class Backbone(nn.Module):
             reds = [int(f["reduction"]) for f in info]
             self._stage_channels = list(chans)
             idx = [i for i, r in enumerate(reds) if r >= 4][-len(PYRAMID_STRIDES):]
+            if strides is not None:
+                missing = sorted(set(int(s) for s in strides) - {reds[i] for i in idx})
+                if missing:
+                    raise LabelwiseError(f"backbone '{self.name}' has no feature level at stride {missing}; "
+                                         f"its strides are {[reds[i] for i in idx]}")
+                idx = [i for i in idx if reds[i] in set(int(s) for s in strides)]
+                # Drop every layer after the deepest kept stage (and the head conv / norm).
+                model.prune_intermediate_layers(idx, prune_norm=True, prune_head=True)
             self._feat_idx = idx
             self.channels = [int(chans[i]) for i in idx]
             self.strides = [int(reds[i]) for i in idx]
-            self.embed_dim = int(model.num_features)
-            self.depth = len(chans)
+            # After pruning the last kept stage is the final map (timm < 1.0.31 leaves num_features stale).
+            self.embed_dim = int(chans[max(idx)]) if strides is not None else int(model.num_features)
+            self.depth = max(idx) + 1 if strides is not None else len(chans)
 
     # ------------------------------------------------------------------ helpers
     def normalize(self, x: Tensor) -> Tensor:
-        """``B x 3 x H x W`` floats in [0, 1] -> normalised with this backbone's mean/std."""
-        mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
-        std = x.new_tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        """``B x 3 x H x W`` floats in [0, 1] -> normalised with this backbone's mean/std
+        (what :meth:`forward` does first; exposed for feeding the raw timm model)."""
+        return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
 
     def _layer_index(self, i: int, n: int, what: str) -> int:
         j = int(i) + n if int(i) < 0 else int(i)
@@ -140,8 +166,10 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor, *, return_attn: bool = False, attn_layers: Iterable[int] | None = None,
                 average_heads: bool = False, return_keys: bool = False,
                 return_blocks: Sequence[int] = ()) -> BackboneOutput:
+        """``x``: ``B x 3 x H x W`` RGB floats in [0, 1] (normalised here)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a B x 3 x H x W image tensor, got shape {tuple(x.shape)}")
+        x = self.normalize(x)
         if self.is_vit:
             return self._forward_vit(x, return_attn, attn_layers, average_heads, return_keys, tuple(return_blocks))
         if return_attn:
@@ -228,10 +256,9 @@ class Backbone(nn.Module):
         attn = ((q * mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         return attn.mean(dim=1, keepdim=True) if average_heads else attn
 
-    @staticmethod
-    def _pyramid(grid: Tensor, H: int, W_: int) -> list[Tensor]:
+    def _pyramid(self, grid: Tensor, H: int, W_: int) -> list[Tensor]:
         out = []
-        for s in PYRAMID_STRIDES:
+        for s in self.strides:
             size = (max(1, math.ceil(H / s)), max(1, math.ceil(W_ / s)))
             gs = tuple(grid.shape[-2:])
             if size == gs:
@@ -297,7 +324,7 @@ def _load_weights(model: nn.Module, name: str, spec: BackboneSpec, pretrained: b
 
 def create_backbone(name: str, *, pretrained: bool = False, weights: str | None = None, img_size: int | None = None,
                     pad_input: bool = False, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                    **timm_kwargs) -> Backbone:
+                    strides: Sequence[int] | None = None, **timm_kwargs) -> Backbone:
     """Build a :class:`Backbone` from an alias (see ``registry``) or any timm model name.
 
     ``pretrained=True`` loads weights that are already on this machine (the shipped
@@ -307,13 +334,16 @@ def create_backbone(name: str, *, pretrained: bool = False, weights: str | None 
     (``pos_embed`` resampled to the model's grid). ``img_size`` sets a ViT's native
     position-embedding grid (inputs of any size are accepted anyway). ``mean``/``std``
     override the input normalisation (default: the alias's / timm's pretrained config).
-    Other keywords go to ``timm.create_model`` (e.g. ``depth=2``, ``output_stride=16``,
+    ``strides`` (CNNs) keeps only the feature levels at those strides and prunes every
+    layer after the deepest one (see the module docstring); ViTs ignore it (their pyramid
+    is parameter-free). Other keywords go to ``timm.create_model`` (e.g. ``depth=2``, ``output_stride=16``,
     ``drop_path_rate=0.1``).
     """
     spec = resolve_name(name)
     model = _build(name, spec, classifier=False, img_size=img_size, timm_kwargs=timm_kwargs)
     layout = _load_weights(model, name, spec, pretrained, weights)
-    bb = Backbone(model, name=name, mean=mean or spec.mean, std=std or spec.std, pad_input=pad_input)
+    bb = Backbone(model, name=name, mean=mean or spec.mean, std=std or spec.std, pad_input=pad_input,
+                  strides=strides)
     bb.weights_layout = layout
     return bb
 

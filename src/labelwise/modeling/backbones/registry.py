@@ -87,6 +87,20 @@ def resolve_name(name: str) -> BackboneSpec:
     raise LabelwiseError(f"unknown backbone '{name}'{hint}; use one of {', '.join(ALIASES)} or a timm model name")
 
 
+def pixel_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the backbone ``name`` normalises its [0, 1] input with, without building it
+    (e.g. to pad crops with the mean colour)."""
+    spec = resolve_name(name)
+    if spec.mean is not None:
+        return tuple(spec.mean), tuple(spec.std)
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    if cfg is None or not getattr(cfg, "mean", None):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
 def list_backbones() -> list[str]:
     """The alias names (any timm model name works too)."""
     return list(ALIASES)

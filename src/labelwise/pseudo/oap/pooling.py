@@ -60,7 +60,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from labelwise.config import from_dict, param
-from labelwise.methods.oap.graph import connected_components, relabel, segment_sum
+from labelwise.pseudo.oap.graph import connected_components, relabel, segment_sum
 
 __all__ = ["OAPConfig", "MaskSet", "OAPImageResult", "OnlineAgglomerativePooling", "grid_edges"]
 

@@ -1,0 +1,195 @@
+"""DeepLab decoders: ASPP (DeepLabV3) and the DeepLabV3+ encoder-decoder head.
+
+References
+----------
+* DeepLabV3: Chen, Papandreou, Schroff, Adam, "Rethinking Atrous Convolution for Semantic
+  Image Segmentation", arXiv:1706.05587, 2017 (ASPP: Sec. 3.3).
+* DeepLabV3+: Chen, Zhu, Papandreou, Schroff, Adam, "Encoder-Decoder with Atrous Separable
+  Convolution for Semantic Image Segmentation", ECCV 2018 (decoder: Sec. 3.1, design
+  choices: Sec. 4.1, Tables 1-2).
+
+Both modules use plain (not depthwise-separable) convolutions, as torchvision and most
+PyTorch re-implementations do; DeepLabV3+ Sec. 3.1 makes separable convolutions an
+option for speed, not a requirement of the architecture.
+
+The module/parameter layout of :class:`ASPP` mirrors torchvision's
+``torchvision.models.segmentation.deeplabv3.ASPP`` (``convs.{i}.{j}``, ``project.{j}``),
+so the ASPP weights of torchvision's DeepLabV3 checkpoints (``classifier.0.*``) load
+into it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV3PlusDecoder", "conv_bn_relu"]
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
+    """``Conv2d (no bias) -> BatchNorm2d -> ReLU`` with 'same' padding for odd kernels.
+
+    The conv has no bias because the following BatchNorm's shift makes it redundant.
+    """
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPPConv(nn.Sequential):
+    """One atrous branch of ASPP: 3x3 conv with ``padding = dilation = rate``, BN, ReLU.
+
+    ``padding = rate`` keeps the spatial size unchanged for a 3x3 kernel dilated by ``rate``.
+    Indices: ``0`` conv, ``1`` BN, ``2`` ReLU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, rate: int) -> None:
+        super().__init__(*conv_bn_relu(in_channels, out_channels, kernel_size=3, dilation=rate))
+        self.rate = int(rate)
+
+
+class ASPPPooling(nn.Sequential):
+    """Image-level branch of ASPP: global average pool -> 1x1 conv -> BN -> ReLU -> upsample.
+
+    DeepLabV3 Sec. 3.3: as the atrous rate approaches the feature-map size a 3x3 filter
+    degenerates to its centre tap, so global context is added explicitly by pooling the
+    whole map, projecting it (256 filters + BN) and bilinearly upsampling it back.
+    Indices: ``0`` pool, ``1`` conv, ``2`` BN, ``3`` ReLU (torchvision's layout).
+
+    Batch size 1 in training mode: after pooling, BN sees exactly one value per channel,
+    for which batch statistics are undefined (PyTorch raises "Expected more than 1 value
+    per channel"; TensorFlow, used by the paper, silently outputs the constant BN shift,
+    i.e. the branch carries no information). torchvision keeps the BN and simply does not
+    support this case. We keep the paper's BN (and torchvision's checkpoint layout) but,
+    for that single degenerate case only, normalise with the running statistics and leave
+    them untouched, exactly as in eval mode. With two or more samples (or a SyncBatchNorm
+    that aggregates over processes) the ordinary training-mode BN runs.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pool, conv, bn, relu = self[0], self[1], self[2], self[3]
+        y = conv(pool(x))
+        single = y.shape[0] * y.shape[2] * y.shape[3] == 1
+        if bn.training and single and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
+            # Batch statistics of one value are undefined: use the running ones (see class doc).
+            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            y = bn(y)
+        y = relu(y)
+        # Upsampling a 1x1 map bilinearly is a broadcast: the branch is spatially constant.
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+class ASPP(nn.Module):
+    """DeepLabV3 Atrous Spatial Pyramid Pooling (DeepLabV3 Sec. 3.3, Fig. 5).
+
+    Parallel branches on the same feature map, each ``conv (no bias) + BN + ReLU`` with
+    ``out_channels`` filters: one 1x1 conv, one 3x3 atrous conv per rate
+    (``padding = dilation = rate``), and the image-pooling branch (:class:`ASPPPooling`).
+    Their outputs are concatenated and fused by a 1x1 ``conv + BN + ReLU`` projection,
+    followed by dropout.
+
+    Args:
+        in_channels: channels of the input feature map.
+        out_channels: filters per branch and of the projection (256 in the paper).
+        rates: atrous rates of the 3x3 branches. (6, 12, 18) for output stride 16; the
+            paper doubles them to (12, 24, 36) for output stride 8 (DeepLabV3 Sec. 3.3).
+        dropout: dropout probability after the projection (0 disables it).
+
+    Shapes: ``(N, in_channels, H, W) -> (N, out_channels, H, W)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int = 256,
+        rates: Sequence[int] = (6, 12, 18),
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.rates = tuple(int(r) for r in rates)
+        # DeepLabV3 Sec. 3.3: "one 1x1 convolution and three 3x3 convolutions with rates =
+        # (6, 12, 18) when output_stride = 16 (all with 256 filters and batch normalization)".
+        branches: list[nn.Module] = [conv_bn_relu(in_channels, out_channels, kernel_size=1)]
+        branches += [ASPPConv(in_channels, out_channels, r) for r in self.rates]
+        # DeepLabV3 Sec. 3.3: image-level features for global context.
+        branches.append(ASPPPooling(in_channels, out_channels))
+        self.convs = nn.ModuleList(branches)
+        # DeepLabV3 Sec. 3.3: concatenated branches pass "another 1x1 convolution (also with
+        # 256 filters and batch normalization)".
+        self.project = nn.Sequential(
+            *conv_bn_relu(len(branches) * out_channels, out_channels, kernel_size=1),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
+
+
+class DeepLabV3PlusDecoder(nn.Module):
+    """DeepLabV3+ decoder (DeepLabV3+ Sec. 3.1, Fig. 2): ASPP + low-level skip refinement.
+
+    ``high`` is the encoder's high-level feature (output stride 16, or 32), ``low`` the
+    stride-4 low-level feature (e.g. ResNet ``layer1`` / "Conv2"). ASPP runs on ``high``;
+    ``low`` is reduced to ``low_channels`` by ``1x1 conv + BN + ReLU``; the ASPP output is
+    bilinearly upsampled to ``low``'s size and concatenated with it; two
+    ``3x3 conv + BN + ReLU`` layers refine the result and a 1x1 conv (with bias) gives the
+    class logits.
+
+    Args:
+        in_channels_high: channels of ``high``.
+        in_channels_low: channels of ``low``.
+        num_classes: output logits channels.
+        aspp_channels: ASPP filters (256, DeepLabV3 Sec. 3.3).
+        low_channels: channels the low-level feature is reduced to (48, DeepLabV3+ Sec. 4.1).
+        rates: ASPP atrous rates (see :class:`ASPP`).
+        decoder_channels: filters of the two 3x3 refinement convs (256, DeepLabV3+ Sec. 4.1).
+
+    ``forward(high, low)`` returns logits ``(N, num_classes, H_low, W_low)``; the caller
+    upsamples them to the image size (the paper's final bilinear x4, Sec. 3.1).
+    """
+
+    def __init__(
+        self,
+        in_channels_high: int,
+        in_channels_low: int,
+        num_classes: int,
+        aspp_channels: int = 256,
+        low_channels: int = 48,
+        rates: Sequence[int] = (6, 12, 18),
+        decoder_channels: int = 256,
+    ) -> None:
+        super().__init__()
+        # DeepLabV3+ Sec. 3.1: the encoder is DeepLabV3 (ASPP on the high-level feature).
+        self.aspp = ASPP(in_channels_high, aspp_channels, rates)
+        # DeepLabV3+ Sec. 3.1/4.1 (Table 1): a 1x1 conv reduces the low-level feature to 48
+        # channels so its many channels do not outweigh the rich encoder features.
+        self.low_proj = conv_bn_relu(in_channels_low, low_channels, kernel_size=1)
+        # DeepLabV3+ Sec. 4.1 (Table 2): [3x3, 256] x 2 after the concatenation works best.
+        self.refine = nn.Sequential(
+            *conv_bn_relu(aspp_channels + low_channels, decoder_channels, kernel_size=3),
+            *conv_bn_relu(decoder_channels, decoder_channels, kernel_size=3),
+        )
+        self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        low = self.low_proj(low)
+        # DeepLabV3+ Sec. 3.1: encoder features are bilinearly upsampled to the low-level size
+        # (x4 for output stride 16) before the concatenation.
+        x = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.refine(torch.cat([x, low], dim=1)))

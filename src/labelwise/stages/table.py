@@ -1,0 +1,68 @@
+"""The comparison table of a recipe: one row per ``evaluate`` stage.
+
+Columns are the headline metrics of each task (``semantic``: mIoU, confusion ratio FP/TP,
+pixel accuracy, precision, recall; ``parts``: part / object mIoU, part mAvg, consistency;
+``instance``: AP, AP50, AP75, AR100; ``panoptic``: PQ, SQ, RQ; ``unsupervised``: mIoU,
+pixel accuracy). ``table.json`` holds every scalar metric of each row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from labelwise.io import atomic_write_json, atomic_write_text
+
+HEADLINE = {
+    "semantic": ("miou", "confusion_ratio", "pixel_acc", "precision", "recall"),
+    "parts": ("part_miou", "object_miou", "part_mavg", "consistency"),
+    "instance": ("ap", "ap50", "ap75", "ar100"),
+    "panoptic": ("pq", "sq", "rq"),
+    "unsupervised": ("miou", "pixel_acc"),
+}
+
+
+def comparison_table(recipe, outputs: dict[str, dict]) -> list[dict]:
+    """Rows ``{"stage", "label", "task", "split", <scalar metrics>}`` of the evaluate stages that ran."""
+    rows = []
+    for s in recipe.stages:
+        if s.kind != "evaluate" or s.name not in outputs:
+            continue
+        res = json.loads(Path(outputs[s.name]["metrics"]).read_text())
+        label = s.fields.get("label") or s.name
+        row = {"stage": s.name, "label": str(label), "task": res.get("task"), "split": res.get("split")}
+        row.update({k: v for k, v in res.items() if k not in row and k != "pred"
+                    and (isinstance(v, (int, float)) or v is None) and not isinstance(v, bool)})
+        rows.append(row)
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.3f}")
+    return str(v)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table; columns: stage label, task, split, then the headline metrics in use."""
+    cols: list[str] = []
+    for r in rows:
+        for k in HEADLINE.get(r.get("task") or "", ()):
+            if k not in cols:
+                cols.append(k)
+    head = ["stage", "task", "split", *cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["label"], str(r.get("task")), str(r.get("split") or "-"), *(_fmt(r.get(k)) for k in cols)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], out: Path) -> str:
+    text = format_table(rows)
+    atomic_write_text(Path(out) / "table.md", text + "\n")
+    atomic_write_json(Path(out) / "table.json", rows)
+    return text
