@@ -1,8 +1,11 @@
 """Shared pytest setup: CPU only, quiet progress bars, small thread count."""
 
 import os
+import tempfile
 
 os.environ.setdefault("LABELWISE_NO_PROGRESS", "1")
+# derived-tag caches of the tests' datasets stay out of the user's ~/.cache
+os.environ.setdefault("LABELWISE_CACHE", tempfile.mkdtemp(prefix="labelwise-test-cache-"))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import torch  # noqa: E402

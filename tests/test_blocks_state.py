@@ -180,7 +180,17 @@ def _worker(rank, world, init_file, out_file):
     teacher.update(student)
     ok_ema = all(torch.allclose(t, 0.5 * b + 0.5 * s) for t, b, s in
                  zip(teacher.module.parameters(), before, student.module.parameters()))
-    torch.save({"labels": q.get()[1], "feats": q.get()[0], "proto": bank.prototypes, "ema": ok_ema},
+    # unequal counts: rank 0 enqueues 1 entry, rank 1 three (e.g. only confident ones), then rank 0 none
+    from labelwise.dist import all_gather_cat, all_gather_padded
+
+    q2 = FIFOQueue(size=8, dim=2)
+    n = 1 if rank == 0 else 3
+    q2.enqueue(torch.arange(2 * n, dtype=torch.float32).view(n, 2) + 10 * rank, torch.full((n,), rank))
+    q2.enqueue(torch.ones(0 if rank == 0 else 2, 2) * -1, torch.full((0 if rank == 0 else 2,), 7))
+    padded, valid = all_gather_padded(torch.full((rank + 1, 3), float(rank)))
+    cat = all_gather_cat(torch.full((rank + 1, 3), float(rank), requires_grad=True))
+    torch.save({"labels": q.get()[1], "feats": q.get()[0], "proto": bank.prototypes, "ema": ok_ema,
+                "q2": q2.get(ordered=True), "padded": padded, "valid": valid, "cat": cat.detach()},
                f"{out_file}.{rank}")
     dist.destroy_process_group()
 
@@ -197,3 +207,24 @@ def test_two_rank_gather_and_reduce(tmp_path):
         assert r["ema"]
         assert torch.allclose(r["proto"][0], torch.tensor([1.0, 1.0]) / math.sqrt(2))  # mean over ranks
     assert torch.equal(r0["feats"], r1["feats"]) and torch.equal(r0["proto"], r1["proto"])
+    # unequal counts per rank: padded to the largest and masked, then concatenated in rank order
+    for r in (r0, r1):
+        feats, labels = r["q2"]
+        assert labels.tolist() == [0, 1, 1, 1, 7, 7]
+        assert feats.tolist() == [[0, 1], [10, 11], [12, 13], [14, 15], [-1, -1], [-1, -1]]
+        assert r["padded"].shape == (2, 2, 3) and r["valid"].tolist() == [[True, False], [True, True]]
+        assert r["padded"][0, 1].abs().sum() == 0  # padding rows are zeros
+        assert r["cat"].tolist() == [[0.0] * 3, [1.0] * 3, [1.0] * 3]
+
+
+def test_ema_teacher_stays_in_eval_mode():
+    student = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))
+    parent = nn.Module()
+    parent.teacher = EMATeacher(student, 0.9)
+    parent.train()  # a parent switching to train mode must not reach the teacher network
+    t = parent.teacher
+    assert t.training and not t.module.training and not any(m.training for m in t.module.modules())
+    x = torch.randn(8, 4)
+    stats = t.module[2].running_mean.clone()
+    assert torch.equal(t(x), t(x))  # no dropout draws
+    assert torch.equal(t.module[2].running_mean, stats)  # BN statistics are not updated by teacher forwards

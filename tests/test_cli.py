@@ -11,8 +11,40 @@ from labelwise.cli import COMMANDS, main
 
 SUBCOMMANDS = [
     ["data"], ["data", "synth"], ["data", "check"], ["train"], ["infer"], ["pseudo-masks"],
-    ["evaluate"], ["demo"], ["bench"], ["bench", "oap"],
+    ["evaluate"], ["run"], ["demo"], ["bench"], ["bench", "oap"], ["bench", "train"], ["bench", "infer"],
+    ["bench", "crf"],
 ]
+# commands that run a model take --device; every command that works takes --no-progress and,
+# where it has settings, a repeatable dotted --set
+RUNS_A_MODEL = [["train"], ["infer"], ["pseudo-masks"], ["evaluate"], ["run"], ["demo"], ["bench", "oap"],
+                ["bench", "train"], ["bench", "infer"]]
+WORKS = RUNS_A_MODEL + [["data", "synth"], ["data", "check"], ["bench", "crf"]]
+HAS_SET = [["train"], ["infer"], ["pseudo-masks"], ["run"]]
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(argv + ["--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", WORKS, ids=lambda a: " ".join(a))
+def test_consistent_options(argv, capsys):
+    text = _help(argv, capsys)
+    assert "--no-progress" in text
+    if argv in RUNS_A_MODEL:
+        assert "--device" in text
+    if argv in HAS_SET:
+        assert "--set KEY=VALUE" in text
+
+
+def test_repeated_set_keeps_every_value():
+    from labelwise.cli import build_parser
+
+    for argv in (["train", "cam", "--data", "x", "--out", "y"], ["infer", "r", "--data", "x", "--split", "s", "--out", "o"],
+                 ["pseudo-masks", "oap", "--images", "x", "--out", "o.json"], ["run", "demo", "--out", "o"]):
+        args = build_parser(only=argv[0]).parse_args(argv + ["--set", "a.b=1", "c=2", "--set", "d.e=3"])
+        assert args.overrides == ["a.b=1", "c=2", "d.e=3"], argv
 
 
 def test_top_level_help_lists_every_command(capsys):

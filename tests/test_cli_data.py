@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import labelwise.data as data
@@ -59,29 +60,32 @@ def test_help_states_defaults(capsys):
     assert "context_rate" in text and "touch_rate" in text
 
 
-def test_check_reports_problems(tmp_path, capsys, monkeypatch):
-    calls = []
+def test_check_reports_problems(tmp_path, capsys):
+    """A real testbed with real defects: each bad file is listed with its reason, exit code 1."""
+    from PIL import Image
 
-    class Fake:
-        class_names = ["background", "a"]
+    from labelwise.io import write_label
 
-        def __len__(self):
-            return 4
-
-    def build(spec, split):
-        calls.append((spec, split))
-        return Fake()
-
-    monkeypatch.setattr(data, "build_dataset", build, raising=False)
-    monkeypatch.setattr(data, "validate", lambda ds: [("x/1.png", "label value 9 >= 2 classes")], raising=False)
-    rc = main(["data", "check", "voc:/somewhere", "--split", "val"])
+    root = tmp_path / "c"
+    assert main(["data", "synth", "cooc", str(root), "--train", "4", "--val", "2", "--size", "48"]) == 0
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    write_label(root / "SegmentationClass" / f"{ids[0]}.png", np.full((48, 48), 42, np.uint8))  # 42 >= 11 classes
+    (root / "JPEGImages" / f"{ids[1]}.jpg").write_bytes(b"not a jpeg")
+    Image.new("P", (20, 48)).save(root / "SegmentationClass" / f"{ids[2]}.png")  # wrong size
+    capsys.readouterr()
+    rc = main(["data", "check", f"voc:{root}", "--split", "train"])
     out, err = capsys.readouterr()
-    assert rc == 1 and calls == [("voc:/somewhere", "val")]
-    assert "x/1.png: label value 9" in out and "1 problem" in err
-    monkeypatch.setattr(data, "validate", lambda ds: [], raising=False)
-    assert main(["data", "check", "voc:/somewhere"]) == 0
-    assert "OK (4 images, 2 classes)" in capsys.readouterr().out
-    assert calls[-1] == ("voc:/somewhere", "train")
+    assert rc == 1
+    lines = out.strip().splitlines()
+    assert len(lines) == 3, out
+    assert any(f"{ids[0]}.png" in ln and "label value 42" in ln for ln in lines)
+    assert any(f"{ids[1]}.jpg" in ln and "corrupt" in ln for ln in lines)
+    assert any(f"{ids[2]}.png" in ln and "differs from image size" in ln for ln in lines)
+    assert "3 problem" in err
+    # the untouched split is clean, and the default split is train
+    assert main(["data", "check", f"voc:{root}", "--split", "val"]) == 0
+    assert "OK (2 images, 11 classes)" in capsys.readouterr().out
+    assert main(["data", "check", f"voc:{root}"]) == 1
 
 
 @pytest.mark.skipif(not (hasattr(data, "build_dataset") and hasattr(data, "validate")),

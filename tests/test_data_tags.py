@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import time
 
 import numpy as np
@@ -42,8 +43,8 @@ def test_derived_tags_cached_and_invalidated(tmp_path, monkeypatch):
     root = make_voc(tmp_path / "voc", [lab(1, 2), lab(5), lab(255)])
     ds = build_dataset(f"voc:{root}", "train")
     assert ds.tags(0).tolist()[:5] == [1, 1, 0, 0, 0] and ds.tags(2).sum() == 0
-    cache = root / ".labelwise_cache" / "tags-voc-train.npz"
-    assert cache.is_file()
+    cache = tags_mod.cache_dir(root) / "tags-voc-train.npz"
+    assert cache.is_file() and not (root / ".labelwise_cache").exists()  # the dataset is left alone
     # second dataset: served from cache, no label decoding
     calls = []
     ds2 = build_dataset(f"voc:{root}", "train")
@@ -63,21 +64,25 @@ def test_derived_tags_cached_and_invalidated(tmp_path, monkeypatch):
     assert ds4.tags(0).sum() == 0 and ds4.tags(1)[:2].tolist() == [1, 1]
 
 
-def test_cache_dir_fallback_when_root_readonly(tmp_path, monkeypatch):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    monkeypatch.setenv("LABELWISE_CACHE_DIR", str(tmp_path / "home_cache"))
-    real_mkdir = type(ro).mkdir
-
-    def no_local(self, *a, **k):
-        if self.name == ".labelwise_cache":
-            raise PermissionError("read-only")
-        return real_mkdir(self, *a, **k)
-
-    monkeypatch.setattr(type(ro), "mkdir", no_local)
-    d = tags_mod.cache_dir(ro)
-    assert d.parent == tmp_path / "home_cache" and d.is_dir()
-    assert tags_mod.cache_dir(ro) == d  # stable per root
+def test_cache_lives_under_labelwise_cache_and_read_only_datasets_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABELWISE_CACHE", str(tmp_path / "cache"))
+    root = make_voc(tmp_path / "voc", [lab(1, 2), lab(5)])
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    modes = {p: p.stat().st_mode for p in [root, *root.rglob("*")]}
+    try:
+        for p in [root, *root.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)  # a read-only, shared dataset
+        ds = build_dataset(f"voc:{root}", "train")
+        assert ds.tags(0).tolist()[:2] == [1, 1]
+    finally:
+        for p, m in modes.items():
+            p.chmod(m)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    d = tags_mod.cache_dir(root)
+    assert d.parent == tmp_path / "cache" / "tags" and (d / "tags-voc-train.npz").is_file()
+    assert tags_mod.cache_dir(root) == d == tags_mod.cache_dir(tmp_path / "voc" / ".." / "voc")  # stable per root
+    monkeypatch.delenv("LABELWISE_CACHE")
+    assert tags_mod.cache_root() == Path.home() / ".cache" / "labelwise"
 
 
 def test_names_to_tags_errors():

@@ -34,8 +34,7 @@ def _assert_identical(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-class Crash(RuntimeError):
-    pass
+Crash, crash_at = toy_method.Crash, toy_method.crash_at
 
 
 def test_resume_after_crash_is_bit_identical(tmp_path):
@@ -44,12 +43,8 @@ def test_resume_after_crash_is_bit_identical(tmp_path):
                                                           "n_images=10"], show_progress=False)
     ref = api.train(out=tmp_path / "ref", **common)
 
-    def crash_at_5(trainer, step):
-        if step == 5:
-            raise Crash()
-
     with pytest.raises(Crash):
-        api.train(out=tmp_path / "run", hooks=[crash_at_5], **common)
+        api.train(out=tmp_path / "run", hooks=[crash_at(5)], **common)
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["step"] == 4
     # resume without repeating the flags: the saved config is reused
     api.train("_toy", "toy:x", tmp_path / "run", show_progress=False)
@@ -243,12 +238,8 @@ def test_ema_teacher_follows_hand_rolled_ema_and_resumes_bit_identically(tmp_pat
     assert max((teacher[k].double() - init[k]).abs().max().item() for k in teacher) > 1e-3
 
     # interrupted after step 5 (last checkpoint at 4), resumed: bit-identical teacher and student
-    def crash_at_5(trainer, step):
-        if step == 5:
-            raise Crash()
-
     with pytest.raises(Crash):
-        api.train(out=tmp_path / "run", hooks=[crash_at_5], **common)
+        api.train(out=tmp_path / "run", hooks=[crash_at(5)], **common)
     mid = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert mid["step"] == 4 and int(mid["ema"]["num_updates"]) == 4
     api.train("_toy_ema", "toy:x", tmp_path / "run", show_progress=False)

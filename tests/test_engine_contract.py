@@ -76,20 +76,13 @@ def test_staged_method_two_ranks_equal_one_process(tmp_path):
 
 
 def test_staged_method_resumes_bit_identically(tmp_path):
-    class Crash(RuntimeError):
-        pass
-
     common = dict(method="_toy_staged", data="toy:x", overrides=STAGED + ["train.batch_size=4", "model.noise=0.1",
                                                                           "model.dropout=0.3"],
                   show_progress=False)
     ref = api.train(out=tmp_path / "ref", **common)
 
-    def crash_at_5(trainer, step):
-        if step == 5:
-            raise Crash()
-
-    with pytest.raises(Crash):
-        api.train(out=tmp_path / "run", hooks=[crash_at_5], **common)
+    with pytest.raises(toy_method.Crash):
+        api.train(out=tmp_path / "run", hooks=[toy_method.crash_at(5)], **common)
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["step"] == 4
     api.train("_toy_staged", "toy:x", tmp_path / "run", show_progress=False)
     a = load_checkpoint(ref / "checkpoints/last.pt")

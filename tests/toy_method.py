@@ -191,6 +191,20 @@ class ToyStagedMethod(ToyMethod):
         st.queue.enqueue(t[self._keep])
 
 
+class Crash(RuntimeError):
+    """A simulated kill, raised from a trainer hook."""
+
+
+def crash_at(step: int):
+    """A trainer hook (``api.train(hooks=[...])``) that stops the run right after ``step``."""
+
+    def hook(trainer, s):
+        if s == step:
+            raise Crash(f"killed after step {step}")
+
+    return hook
+
+
 def ddp_worker(rank: int, world: int, port: int, kwargs: dict) -> None:
     """``torch.multiprocessing.spawn`` target: join a gloo group as torchrun would, then train."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
@@ -205,3 +219,47 @@ def ddp_worker(rank: int, world: int, port: int, kwargs: dict) -> None:
 
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+@dataclass
+class ToySegConfig(BaseConfig):
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
+
+
+class _SegItems:
+    """voc item -> 16 x 16 image and label (nearest), enough for a per-pixel classifier."""
+
+    def __call__(self, item, rng):
+        img = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float()[None] / 255
+        mask = torch.from_numpy(np.ascontiguousarray(item["mask"])).long()[None, None].float()
+        return {"image": F.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False)[0],
+                "mask": F.interpolate(mask, size=(16, 16), mode="nearest")[0, 0].long()}
+
+
+@register_method
+class ToySegMethod(Method):
+    """A per-pixel classifier trained on the dataset's masks, or on ``--labels PRED_DIR``."""
+
+    name = "_toy_seg"
+    config_cls = ToySegConfig
+    outputs = {"segmentation": "label_png"}
+
+    def presets(self):
+        return ["cpu"]
+
+    def load_preset(self, preset):
+        return {"train": {"max_steps": 20, "batch_size": 4, "log_every": 5, "ckpt_every": 10},
+                "optim": {"lr": 5e-2, "warmup_steps": 0, "schedule": "constant"}}
+
+    def build_model(self, cfg, info, *, pretrained=True):
+        return nn.Sequential(nn.Conv2d(3, cfg.model.width, 1), nn.GELU(), nn.Conv2d(cfg.model.width, info.num_classes, 1))
+
+    def build_train_dataset(self, cfg, spec, info=None, *, labels_dir=None, seeds_dir=None):
+        return SeededDataset(self.load_split(cfg, spec, cfg.data.train_split, labels_dir=labels_dir), _SegItems())
+
+    def training_step(self, model, batch, ctx):
+        return {"loss": F.cross_entropy(model(batch["image"]), batch["mask"], ignore_index=255)}
+
+    def predict(self, model, batch, ctx):
+        logits = model(batch["inputs"])
+        return [{"segmentation": p.argmax(0).to(torch.uint8).cpu().numpy()} for p in logits]

@@ -277,21 +277,21 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; errors name the file."""
+def load_yaml(path: str | Path, what: str = "config file", flag: str = "--config") -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file (``what``: "config file", "recipe", ...)."""
     path = Path(path)
     if not path.is_file():
-        raise LabelwiseError(f"config file {path} does not exist; check the path given to --config")
+        raise LabelwiseError(f"{what} {path} does not exist; check the path given to {flag}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise LabelwiseError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+        raise LabelwiseError(f"{what} {path} is not valid YAML{where}; fix the syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise LabelwiseError(f"config file {path} must hold a mapping of config keys, not a {type(data).__name__}")
+        raise LabelwiseError(f"{what} {path} must hold a mapping of keys, not a {type(data).__name__}")
     return data
 
 

@@ -37,13 +37,21 @@ class FIFOQueue(nn.Module):
                                                   device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device))
+        # Host-side copies of ptr / count: sizes are known on the host, so enqueue / get never
+        # read a GPU scalar back (no host sync inside a training step).
+        self._ptr = 0
+        self._count = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ptr, self._count = int(self.ptr), int(self.count)  # once, when a checkpoint is loaded
 
     def __len__(self) -> int:
-        return int(self.count)
+        return self._count
 
     @property
     def full(self) -> bool:
-        return int(self.count) == self.size
+        return self._count == self.size
 
     @torch.no_grad()
     def enqueue(self, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
@@ -61,15 +69,18 @@ class FIFOQueue(nn.Module):
             n = feats.shape[0]
         if n == 0:
             return
+        start = self._ptr
         if n > self.size:  # only the newest `size` survive
             feats, labels = feats[-self.size:], labels[-self.size:]
-            self.ptr += n - self.size  # keep the ring position as if all n had been written
-            n = self.size
-        idx = (self.ptr + torch.arange(n, device=self.feats.device)) % self.size
+            start = (start + n - self.size) % self.size  # the ring position as if all n had been written
+        m = min(n, self.size)
+        idx = (start + torch.arange(m, device=self.feats.device)) % self.size
         self.feats[idx] = feats
         self.labels[idx] = labels
-        self.ptr.copy_((self.ptr + n) % self.size)
-        self.count.copy_(torch.clamp(self.count + n, max=self.size))
+        self._ptr = (start + m) % self.size
+        self._count = min(self._count + n, self.size)
+        self.ptr.fill_(self._ptr)
+        self.count.fill_(self._count)
 
     def get(self, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(feats (n, dim), labels (n,) or (n, L))`` of the filled entries.
@@ -77,9 +88,9 @@ class FIFOQueue(nn.Module):
         Storage order by default (order is irrelevant for contrast); ``ordered=True`` returns
         oldest -> newest.
         """
-        n = int(self.count)
+        n = self._count
         if ordered and n == self.size:
-            idx = (self.ptr + torch.arange(n, device=self.feats.device)) % self.size
+            idx = (self._ptr + torch.arange(n, device=self.feats.device)) % self.size
             feats, labels = self.feats[idx], self.labels[idx]
         else:
             feats, labels = self.feats[:n], self.labels[:n]
@@ -92,3 +103,4 @@ class FIFOQueue(nn.Module):
         self.labels.fill_(-1)
         self.ptr.zero_()
         self.count.zero_()
+        self._ptr = self._count = 0

@@ -21,11 +21,14 @@ BENCHMARKS = {
 
 
 def register(subparsers, name: str, help: str) -> None:
+    from labelwise.cli.common import add_progress
+
     p = subparsers.add_parser(name, help=help, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="bench", metavar="BENCH", parser_class=type(p))
     for bench, text in BENCHMARKS.items():
         bp = sub.add_parser(bench, help=text, description=text)
         bp.add_argument("--json", default=None, metavar="OUT.json", help="write the result object here")
+        add_progress(bp)
         try:
             mod = importlib.import_module(f"labelwise.benchmarks.{bench}")
         except ImportError:

@@ -83,6 +83,8 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers, name: str = "data", help: str = "") -> argparse.ArgumentParser:
+    from labelwise.cli.common import add_progress
+
     from labelwise.data.synth import DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_TRAIN, DEFAULT_VAL, KINDS
 
     parser = subparsers.add_parser(name, help=help, description=help)
@@ -111,6 +113,7 @@ def register(subparsers, name: str = "data", help: str = "") -> argparse.Argumen
                    help="any testbed option (listed below); repeatable")
     s.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder that is not a testbed of this kind")
+    add_progress(s)
     s.set_defaults(func=_run_synth)
 
     c = sub.add_parser("check", help="validate a dataset (layout, readable files, label values)",
@@ -118,5 +121,6 @@ def register(subparsers, name: str = "data", help: str = "") -> argparse.Argumen
                                    "labels are in range. Exits 1 and lists 'file: reason' on problems.")
     c.add_argument("spec", metavar="SPEC", help="FORMAT:PATH, e.g. voc:data/cooc")
     c.add_argument("--split", default="train", help="split to check (default train)")
+    add_progress(c)
     c.set_defaults(func=_run_check)
     return parser

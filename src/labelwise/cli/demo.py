@@ -1,16 +1,20 @@
 """``labelwise demo``: the main job end to end on CPU in a few minutes, with an HTML report.
 
-Stages (each prints a progress line; re-running with the same ``--out`` reuses what is done):
+The demo is the shipped ``demo`` recipe (``labelwise/recipes/demo.yaml``; ``labelwise run demo
+--out DIR`` runs the same stages) plus the report:
 
-1. generate the ``cooc`` co-occurrence testbed (VOC layout) in ``OUT/data``;
-2. train the plain ``cam`` baseline with the ``cpu`` preset in ``OUT/run`` (resumes from
-   its last checkpoint);
-3. write CAM seeds (``.npz``) and pseudo-masks (``.png``) for the train split -- standard
-   WSSS: pseudo-masks of the training images -- and the val split, in ``OUT/pred/SPLIT/``;
-4. evaluate seeds-as-masks (CAM argmax with the background threshold) and pseudo-masks
-   (mIoU, confusion ratio FP/TP, per class), saved to ``OUT/metrics.json``;
-5. CAMs of an ImageNet EfficientNet-Lite0 on real photos from ``skimage.data``;
-6. write ``OUT/report.html`` (self-contained: images inline as base64 PNG, inline SVG).
+1. the recipe, run resumably into ``--out`` (each stage in ``OUT/<stage>/``, completed stages
+   are skipped on a re-run): the ``cooc`` co-occurrence testbed (``OUT/testbed``), the plain
+   ``cam`` baseline with the ``cpu`` preset (``OUT/cam``), CAM seeds (``<id>.npz``) and
+   pseudo-masks (``<id>.png``) of the train split -- standard WSSS: pseudo-masks of the
+   training images -- and of the val split, in one pass per split (``OUT/pred_SPLIT``), and
+   their evaluation (mIoU, confusion ratio FP/TP, per class; ``OUT/<seeds|masks>_SPLIT``,
+   comparison table ``OUT/table.md``); seeds are scored as masks at the run's background
+   threshold ``infer.bg_threshold``;
+2. CAMs of an ImageNet EfficientNet-Lite0 on real photos from ``skimage.data`` (optional: a
+   failure there is reported, not fatal);
+3. ``OUT/metrics.json`` (summary) and ``OUT/report.html`` (self-contained: images inline as
+   base64 PNG, inline SVG).
 """
 
 from __future__ import annotations
@@ -23,19 +27,20 @@ from typing import Any
 
 import numpy as np
 
+from labelwise.cli.common import add_common
 from labelwise.errors import LabelwiseError
 from labelwise.io import atomic_write_json
 
+RECIPE = "demo"
 DEFAULTS = {"out": "labelwise-demo", "train": 200, "val": 60, "size": 128, "seed": 0, "examples": 6}
-SEED_BG_THRESHOLD = 0.5  # background threshold for seeds-as-masks when the run config names none
-STATE_FILE = "demo.json"
+SPLITS = ("train", "val")
 
 
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=(
-        "Generate the cooc testbed, train the cam baseline (cpu preset), write CAM seeds and pseudo-masks, "
-        "evaluate them (mIoU, confusion ratio) and write a self-contained OUT/report.html. Re-running with "
-        "the same --out reuses the testbed and resumes training."))
+        "Run the shipped 'demo' recipe (labelwise run demo): generate the cooc testbed, train the cam baseline "
+        "(cpu preset), write CAM seeds and pseudo-masks, evaluate them (mIoU, confusion ratio); then write a "
+        "self-contained OUT/report.html. Re-running with the same --out skips the stages that are done."))
     p.add_argument("--out", default=DEFAULTS["out"], metavar="DIR",
                    help=f"output folder (default ./{DEFAULTS['out']}); re-running with it resumes")
     p.add_argument("--steps", type=int, default=None, metavar="N",
@@ -53,99 +58,68 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="splits to write seeds/pseudo-masks for and evaluate (default train,val)")
     p.add_argument("--no-real-photos", action="store_true",
                    help="skip the EfficientNet-Lite0 CAMs of skimage.data photos")
+    add_common(p)
     p.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-class _Stages:
-    """Numbered progress lines ``[i/n] ...`` with the time each stage took."""
-
-    def __init__(self, total: int):
-        self.total, self.i, self.t0, self.t_stage = total, 0, time.perf_counter(), None
-
-    def start(self, text: str) -> None:
-        self.i += 1
-        self.t_stage = time.perf_counter()
-        print(f"[{self.i}/{self.total}] {text} ...", flush=True)
-
-    def done(self, text: str = "") -> None:
-        dt = time.perf_counter() - (self.t_stage or self.t0)
-        print(f"      {text + ' ' if text else ''}({dt:.1f}s)", flush=True)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-
-def _load_state(out: Path) -> dict:
-    p = out / STATE_FILE
-    if p.is_file():
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
-    return {}
+def _splits(args) -> list[str]:
+    """The splits to predict and evaluate, after the flag checks (one-line errors)."""
+    if args.train < 1:
+        raise LabelwiseError(f"--train {args.train}: the cam baseline needs at least 1 training image")
+    if args.val < 0 or args.examples < 0:
+        raise LabelwiseError("--val and --examples must be >= 0")
+    if args.size < 32:
+        raise LabelwiseError(f"--size {args.size}: use at least 32 pixels")
+    if args.steps is not None and args.steps < 1:
+        raise LabelwiseError(f"--steps {args.steps}: must be a positive number of steps")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise LabelwiseError(f"--splits {args.splits!r}: use train, val or train,val")
+    if args.val < 1 and "val" in splits:
+        splits.remove("val")
+        if not splits:
+            raise LabelwiseError("--splits val needs --val >= 1")
+    return [s for s in SPLITS if s in splits]
 
 
-def _checkpoint_key(run_dir: Path) -> str | None:
-    """Identity of the run's latest checkpoint (path, size, mtime) -- invalidates predictions."""
-    try:
-        from labelwise.engine.checkpoint import latest_checkpoint
-
-        ck = latest_checkpoint(run_dir)
-    except Exception:
-        ck = None
-    if ck is None:
-        cands = sorted(run_dir.rglob("*.pt"), key=lambda p: p.stat().st_mtime) if run_dir.is_dir() else []
-        ck = cands[-1] if cands else None
-    if ck is None:
-        return None
-    st = Path(ck).stat()
-    return f"{Path(ck).name}:{st.st_size}:{st.st_mtime_ns}"
+def split_stages(split: str) -> tuple[str, str, str]:
+    """The demo recipe's stages of one split: predictions, seeds evaluation, pseudo-mask evaluation."""
+    return f"pred_{split}", f"seeds_{split}", f"masks_{split}"
 
 
-def _split_ids(data_root: Path, split: str) -> list[str]:
-    p = data_root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not p.is_file():
-        return []
-    return [ln.split()[0] for ln in p.read_text().splitlines() if ln.strip()]
+def demo_recipe(args, splits: list[str], crf: bool):
+    """The shipped ``demo`` recipe with the flags as variables and only the stages of ``splits``."""
+    from labelwise.stages import load_recipe
+
+    recipe = load_recipe(RECIPE)
+    sets = [f"train={args.train}", f"val={args.val}", f"size={args.size}", f"seed={args.seed}",
+            # tiny testbeds: a batch cannot be larger than the training split
+            f"batch_size={min(int(recipe.vars['batch_size']), args.train)}",
+            f"crf={'true' if crf else 'false'}"]
+    if args.steps is not None:
+        sets.append(f"steps={args.steps}")
+    recipe = recipe.apply(sets)
+    names = {s.name for s in recipe.stages}
+    for split in SPLITS:
+        missing = [n for n in split_stages(split) if n not in names]
+        if missing:  # the recipe and this command disagree: a packaging bug, not a user error
+            raise RuntimeError(f"recipe {recipe.path}: has no stage {missing[0]!r} that labelwise demo reads")
+    drop = {n for split in SPLITS if split not in splits for n in split_stages(split)}
+    recipe.stages = [s for s in recipe.stages if s.name not in drop]
+    return recipe
 
 
-def _complete(pred_dir: Path, ids: list[str], suffix: str) -> bool:
-    return pred_dir.is_dir() and bool(ids) and all((pred_dir / f"{i}{suffix}").is_file() for i in ids)
+def run_bg_threshold(run_dir: Path) -> tuple[float, Any]:
+    """``(infer.bg_threshold, config)`` of the cam run in ``run_dir`` (its config.yaml, strictly loaded)."""
+    from labelwise.config import load_config
+    from labelwise.engine.registry import get_method
 
-
-def _find_key(cfg: Any, names: tuple[str, ...]) -> Any:
-    """First value of a key named one of ``names`` anywhere in a nested dict."""
-    if isinstance(cfg, dict):
-        for n in names:
-            if n in cfg and not isinstance(cfg[n], dict):
-                return cfg[n]
-        for v in cfg.values():
-            r = _find_key(v, names)
-            if r is not None:
-                return r
-    return None
-
-
-def _run_config(run_dir: Path) -> dict:
-    p = run_dir / "config.yaml"
-    if not p.is_file():
-        return {}
-    try:
-        import yaml
-
-        return yaml.safe_load(p.read_text()) or {}
-    except Exception:
-        return {}
-
-
-def _run_method(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("method")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+    cfg = load_config(get_method("cam").config_cls, run_dir / "config.yaml")
+    return float(cfg.infer.bg_threshold), cfg
 
 
 def read_log(path: Path) -> list[dict]:
@@ -163,24 +137,6 @@ def read_log(path: Path) -> list[dict]:
     return out
 
 
-def seeds_to_masks(seed_dir: Path, out_dir: Path, bg_threshold: float) -> int:
-    """Seeds ``.npz`` -> label PNGs: argmax over present classes, background where ``<= bg_threshold``."""
-    import torch
-
-    from labelwise.blocks.cam import cam_to_label
-    from labelwise.io import write_label
-
-    n = 0
-    for f in sorted(seed_dir.glob("*.npz")):
-        with np.load(f) as z:
-            cams = torch.from_numpy(z["cams"].astype(np.float32))
-            keys = torch.from_numpy(np.asarray(z["keys"]).astype(np.int64))
-        label = cam_to_label(cams, keys=keys, bg_threshold=bg_threshold)
-        write_label(out_dir / f"{f.stem}.png", label.numpy())
-        n += 1
-    return n
-
-
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"
@@ -195,159 +151,101 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def run(args) -> int:
-    if args.train < 1:
-        raise LabelwiseError(f"--train {args.train}: the cam baseline needs at least 1 training image")
-    if args.val < 0 or args.examples < 0:
-        raise LabelwiseError("--val and --examples must be >= 0")
-    if args.size < 32:
-        raise LabelwiseError(f"--size {args.size}: use at least 32 pixels")
-    if args.steps is not None and args.steps < 1:
-        raise LabelwiseError(f"--steps {args.steps}: must be a positive number of steps")
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    bad = [s for s in splits if s not in ("train", "val")]
-    if bad or not splits:
-        raise LabelwiseError(f"--splits {args.splits!r}: use train, val or train,val")
-    if args.val < 1 and "val" in splits:
-        splits.remove("val")
-        if not splits:
-            raise LabelwiseError("--splits val needs --val >= 1")
-
+    splits = _splits(args)
     out = Path(args.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise LabelwiseError(f"--out {out}: exists and is not a folder; pass a folder path")
-    out.mkdir(parents=True, exist_ok=True)
-    data_root, run_dir, pred_root = out / "data", out / "run", out / "pred"
-    spec = f"voc:{data_root}"
-    state = _load_state(out)
-    stages = _Stages(6)
-    print(f"labelwise demo -> {out}", flush=True)
+    t0 = time.perf_counter()
 
-    # 1. testbed -------------------------------------------------------------------------
-    stages.start("generating the cooc testbed")
-    data_params = {"kind": "cooc", "n_train": args.train, "n_val": args.val, "size": args.size, "seed": args.seed}
-    have = bool(_split_ids(data_root, "train"))
-    if have and state.get("data") not in (None, data_params):
-        old = state.get("data")
-        raise LabelwiseError(f"--out {out}: holds a testbed made with {old}; pass the same --train/--val/"
-                             "--size/--seed or a new --out folder")
-    if have and state.get("data") == data_params:
-        stages.done(f"reused {data_root}")
-    else:
-        from labelwise.data.synth import generate
+    from labelwise.blocks.crf import crf_available
+    from labelwise.stages import run_recipe
 
-        generate("cooc", data_root, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
-        state = {"data": data_params}
-        atomic_write_json(out / STATE_FILE, state)
-        stages.done(f"{args.train} train + {args.val} val images of {args.size}px in {data_root}")
-
-    # 2. training ------------------------------------------------------------------------
-    from labelwise.engine import api
-
-    stages.start("training the cam baseline (cpu preset" + (f", {args.steps} steps)" if args.steps else ")"))
-    api.train("cam", spec, run_dir, preset="cpu", steps=args.steps, overrides=_train_overrides(args.train))
-    log = read_log(run_dir / "log.jsonl")
-    last_step = max((int(r["step"]) for r in log if "step" in r and "loss" in r), default=None)
-    stages.done(f"run in {run_dir}" + (f", last logged step {last_step}" if last_step is not None else ""))
-    ckey = _checkpoint_key(run_dir)
-
-    # 3. seeds + pseudo-masks ------------------------------------------------------------
-    stages.start(f"writing CAM seeds and pseudo-masks ({', '.join(splits)})")
-    cfg = _run_config(run_dir)
-    bg = _find_key(cfg, ("bg_threshold", "background_threshold", "bg_thresh"))
-    bg = float(bg) if isinstance(bg, (int, float)) else SEED_BG_THRESHOLD
     # Pseudo-masks are the seeds' label map refined by a dense CRF (label unary with
     # infer.crf_gt_prob, the IRN/CoBra practice) when pydensecrf2 is installed; without it
-    # they are the thresholded seeds themselves and the report says so.
-    from labelwise.blocks.crf import crf_available
-
+    # they are the thresholded seeds themselves and the output and report say so.
     use_crf = crf_available()
-    derive = _run_method(run_dir) == "cam" and not use_crf
-    mask_source = ("CAM seeds thresholded at {bg}, refined by a dense CRF".format(bg=bg) if use_crf else
-                   f"CAM seeds thresholded at {bg} (no CRF: pip install 'labelwise[crf]' for CRF-refined masks)")
+    recipe = demo_recipe(args, splits, use_crf)
+    print(f"labelwise demo -> {out} (recipe '{RECIPE}': labelwise run {RECIPE} --out {out} runs the same stages)",
+          flush=True)
     if not use_crf:
         print("      pydensecrf2 is not installed: pseudo-masks = thresholded seeds "
               "(pip install 'labelwise[crf]' to refine them)", flush=True)
-    fresh = state.get("checkpoint") == ckey and state.get("mask_source") == mask_source
-    preds = state.get("preds", {}) if fresh else {}
-    for split in splits:
-        ids = _split_ids(data_root, split)
-        d = pred_root / split
-        if (preds.get(split) and ckey is not None and _complete(d / "seeds", ids, ".npz")
-                and _complete(d / "masks", ids, ".png") and _complete(d / "seed_masks", ids, ".png")):
-            print(f"      {split}: reused {len(ids)} seeds and pseudo-masks", flush=True)
-            continue
-        api.infer(run_dir, spec, split, d / "seeds", what="seeds")
-        n = seeds_to_masks(d / "seeds", d / "seed_masks", bg)
-        if derive:  # same rule as infer --what masks: skip a second CAM pass over the split
-            seeds_to_masks(d / "seeds", d / "masks", bg)
-        else:
-            api.infer(run_dir, spec, split, d / "masks", what="masks",
-                      overrides=[f"infer.crf={'true' if use_crf else 'false'}"])
-        preds[split] = True
-        print(f"      {split}: {n} images", flush=True)
-    state.update(checkpoint=ckey, preds=preds, mask_source=mask_source)
-    atomic_write_json(out / STATE_FILE, state)
-    stages.done()
+    try:
+        res = run_recipe(recipe, out, device=args.device, show_progress=not args.no_progress)
+    except LabelwiseError as e:
+        if "stage 'testbed' changed" not in str(e):
+            raise
+        raise LabelwiseError(f"--out {out}: holds a demo trained on another testbed ({str(e).split(' since ')[0]}); "
+                             "pass the same --train/--val/--size/--seed or a new --out folder") from None
+    skipped = [r["name"] for r in res["results"] if r["status"] == "skipped"]
+    if skipped:
+        print(f"reused {len(skipped)} of {len(res['results'])} stages already done in {out} "
+              "(delete OUT/<stage> to redo one)", flush=True)
 
-    # 4. evaluation ----------------------------------------------------------------------
-    stages.start("evaluating seeds-as-masks and pseudo-masks")
-    from labelwise.evaluation import evaluate
-    from labelwise.evaluation.base import jsonable
-
+    stages = res["stages"]
+    data_root, run_dir = Path(stages["testbed"]["root"]), Path(stages["cam"]["run"])
+    spec = stages["testbed"]["spec"]
+    bg, cfg = run_bg_threshold(run_dir)
+    if use_crf:
+        mask_source = (f"CAM seeds thresholded at {bg:g}, refined by a dense CRF "
+                       f"(label unary, gt_prob {cfg.infer.crf_gt_prob:g})")
+    else:
+        mask_source = f"CAM seeds thresholded at {bg:g} (no CRF: pip install 'labelwise[crf]' for CRF-refined masks)"
     metrics: dict[str, dict[str, dict]] = {}
     for split in splits:
-        metrics[split] = {}
-        for kind, sub in (("seeds", "seed_masks"), ("masks", "masks")):
-            metrics[split][kind] = evaluate("semantic", pred_root / split / sub, spec, split)
-        m = metrics[split]
-        print(f"      {split}: seeds mIoU {_fmt(m['seeds']['miou'])}, pseudo-masks mIoU {_fmt(m['masks']['miou'])}, "
-              f"confusion ratio {_fmt(m['masks']['confusion_ratio'])}", flush=True)
-    stages.done()
+        _, seeds_stage, masks_stage = split_stages(split)
+        metrics[split] = {kind: json.loads(Path(stages[name]["metrics"]).read_text())
+                          for kind, name in (("seeds", seeds_stage), ("masks", masks_stage))}
+    pred_dirs = {split: Path(stages[split_stages(split)[0]]["out"]) for split in splits}
+    log = read_log(run_dir / "log.jsonl")
+    last_step = max((int(r["step"]) for r in log if "step" in r and "loss" in r), default=None)
 
-    # 5. real photos ---------------------------------------------------------------------
+    # real photos ------------------------------------------------------------------------
     photos: list[tuple[str, np.ndarray, list]] = []
     photo_note = ""
     if args.no_real_photos:
-        stages.start("real photos: skipped (--no-real-photos)")
-        stages.done()
+        print("real photos: skipped (--no-real-photos)", flush=True)
     else:
-        stages.start("EfficientNet-Lite0 CAMs on skimage.data photos")
+        print("real photos: EfficientNet-Lite0 CAMs on skimage.data photos ...", flush=True)
+        t = time.perf_counter()
         try:
             photos = real_photo_cams()
-            stages.done(", ".join(f"{n}: {c[0].name} {c[0].prob:.2f}" for n, _, c in photos))
+            print("      " + ", ".join(f"{n}: {c[0].name} {c[0].prob:.2f}" for n, _, c in photos)
+                  + f" ({time.perf_counter() - t:.1f}s)", flush=True)
         except Exception as e:  # the demo's main job must not fail on the optional section
             photo_note = f"Real-photo section skipped: {type(e).__name__}: {e}"
-            stages.done(photo_note)
+            print(f"      {photo_note}", flush=True)
 
-    # 6. report --------------------------------------------------------------------------
-    stages.start("writing the HTML report")
+    # summary + report -------------------------------------------------------------------
+    from labelwise.evaluation.base import jsonable
+    from labelwise.report.demo import build_demo_report, class_names_of, threshold_sweep
+
     headline_split = "train" if "train" in splits else splits[0]
     hm = metrics[headline_split]
-    elapsed = stages.elapsed()
     summary = {
-        "out": str(out), "report": str(out / "report.html"), "data": spec, "run_dir": str(run_dir),
-        "steps": last_step, "seed_bg_threshold": bg, "pseudo_masks": mask_source, "headline_split": headline_split,
+        "out": str(out), "report": str(out / "report.html"), "recipe": RECIPE, "vars": recipe.vars,
+        "data": spec, "run_dir": str(run_dir), "preset": recipe.vars.get("preset"),
+        "steps": last_step, "seed_bg_threshold": bg, "crf": use_crf, "pseudo_masks": mask_source,
+        "headline_split": headline_split,
         "seeds_miou": hm["seeds"]["miou"], "masks_miou": hm["masks"]["miou"],
         "seeds_confusion_ratio": hm["seeds"]["confusion_ratio"],
         "masks_confusion_ratio": hm["masks"]["confusion_ratio"],
-        "elapsed_s": round(elapsed, 1), "metrics": metrics,
+        "elapsed_s": round(time.perf_counter() - t0, 1), "metrics": metrics, "table": res["table"],
+        "stages": {r["name"]: {"status": r["status"], "seconds": round(float(r["seconds"]), 1)}
+                   for r in res["results"]},
         "real_photos": [{"photo": n, "top": [{"class": c.name, "index": c.index, "prob": c.prob} for c in cs]}
                         for n, _, cs in photos],
     }
-    from labelwise.report.demo import build_demo_report, class_names_of, threshold_sweep
-
     names = class_names_of(data_root)
     if names:
         summary["threshold_sweep"] = {headline_split: threshold_sweep(
-            pred_root / headline_split / "seeds", data_root / "SegmentationClass", len(names))}
+            pred_dirs[headline_split], data_root / "SegmentationClass", len(names))}
     atomic_write_json(out / "metrics.json", jsonable(summary))
 
-    report = build_demo_report(out / "report.html", summary=summary, data_root=data_root, pred_root=pred_root,
-                               splits=splits, log=log, photos=photos, photo_note=photo_note,
-                               n_examples=args.examples)
-    stages.done(str(report))
+    report = build_demo_report(out / "report.html", summary=summary, data_root=data_root, pred_dirs=pred_dirs,
+                               bg_threshold=bg, log=log, table=res["table"], photos=photos,
+                               photo_note=photo_note, n_examples=args.examples)
 
-    elapsed = stages.elapsed()
     print("", flush=True)
     print(f"Report: {report}", flush=True)
     for split in splits:
@@ -355,19 +253,9 @@ def run(args) -> int:
         print(f"  {split:5s}  seeds mIoU {_fmt(m['seeds']['miou'])}  pseudo-masks mIoU {_fmt(m['masks']['miou'])}  "
               f"confusion ratio (FP/TP) seeds {_fmt(m['seeds']['confusion_ratio'])} / "
               f"pseudo-masks {_fmt(m['masks']['confusion_ratio'])}", flush=True)
-    print(f"  elapsed {elapsed:.1f}s", flush=True)
+    print(f"  seeds scored at background threshold {bg:g}; pseudo-masks: {mask_source}", flush=True)
+    print(f"  elapsed {time.perf_counter() - t0:.1f}s", flush=True)
     return 0
-
-
-def _train_overrides(n_train: int) -> list[str]:
-    """Lower the preset's batch size when the testbed has fewer training images than one batch."""
-    try:
-        from labelwise.methods import get_method
-
-        bs = int(get_method("cam").load_preset("cpu").get("train", {}).get("batch_size", 0))
-    except Exception:
-        return []
-    return [f"train.batch_size={n_train}"] if 0 < n_train < bs else []
 
 
 def real_photo_cams(names=None, topk: int = 3):

@@ -1,7 +1,7 @@
 """``folder:ROOT`` — any folder of images (recursive), optionally with image-level tags.
 
 * Ids are image paths relative to ROOT without suffix (``cats/001.jpg`` -> ``cats/001``);
-  hidden files and folders (``.labelwise_cache``) are skipped.
+  hidden files and folders are skipped.
 * ``ROOT/tags.csv`` (optional): header ``image,tags``; ``image`` is the relative path with
   or without suffix, ``tags`` class names separated by ``;`` (may be empty).
 * Class names: ``ROOT/class_names.txt`` when present (line 1 = background), else

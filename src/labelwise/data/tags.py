@@ -2,11 +2,11 @@
 
 * :func:`derive_tags` computes the tags of a split from its label PNGs (standard WSSS
   practice: the training split's ground truth gives the image-level labels), one
-  ``np.bincount`` per image, and caches them in
-  ``ROOT/.labelwise_cache/tags-<format>-<split>.npz`` (or, when ROOT is read-only,
-  ``~/.cache/labelwise/<hash of ROOT>/...``; ``LABELWISE_CACHE_DIR`` overrides the latter).
-  The cache holds a signature of the id list, the class count and every label file's
-  (mtime, size); any change recomputes.
+  ``np.bincount`` per image, and caches them in the user cache
+  ``$LABELWISE_CACHE/tags/<hash of ROOT>/tags-<format>-<split>.npz`` (default
+  ``LABELWISE_CACHE=~/.cache/labelwise``) -- never in the dataset, which may be read-only
+  or shared. The cache holds a signature of the id list, the class count and every label
+  file's (mtime, size); any change recomputes. An unwritable cache only costs the caching.
 * :func:`read_tags_file` parses explicit ``image_id cls cls ...`` lines (class names or
   indices); explicit tags always win over derived ones.
 """
@@ -71,21 +71,15 @@ def read_tags_file(path: str | Path, class_names: list[str]) -> dict[str, np.nda
     return out
 
 
+def cache_root() -> Path:
+    """``$LABELWISE_CACHE`` or ``~/.cache/labelwise``: where labelwise caches derived data."""
+    return Path(os.environ.get("LABELWISE_CACHE") or Path.home() / ".cache" / "labelwise").expanduser()
+
+
 def cache_dir(root: str | Path) -> Path:
-    """``ROOT/.labelwise_cache`` if writable, else a per-root folder under ``~/.cache/labelwise``."""
-    root = Path(root)
-    local = root / ".labelwise_cache"
-    try:
-        local.mkdir(exist_ok=True)
-        if os.access(local, os.W_OK):
-            return local
-    except OSError:
-        pass
-    base = Path(os.environ.get("LABELWISE_CACHE_DIR", Path.home() / ".cache" / "labelwise"))
-    h = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    d = base / h
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    """The cache folder of dataset ``root``: ``cache_root()/tags/<hash of the resolved ROOT>``."""
+    h = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return cache_root() / "tags" / h
 
 
 def signature(ds: "FileDataset") -> str:
@@ -126,9 +120,12 @@ def derive_tags(ds: "FileDataset", use_cache: bool = True) -> np.ndarray:
     if path is not None:
         try:
             atomic_save_npz(path, tags=tags, signature=np.array(sig))
-        except OSError:
-            pass
+        except OSError as e:  # read-only home or full disk: derive again next time
+            import warnings
+
+            warnings.warn(f"could not cache derived tags in {path.parent} ({e.strerror or e}); set LABELWISE_CACHE "
+                          "to a writable folder", stacklevel=2)
     return tags
 
 
-__all__ = ["tags_from_label", "names_to_tags", "read_tags_file", "cache_dir", "signature", "derive_tags"]
+__all__ = ["tags_from_label", "names_to_tags", "read_tags_file", "cache_root", "cache_dir", "signature", "derive_tags"]

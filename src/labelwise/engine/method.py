@@ -123,6 +123,8 @@ class Method:
     outputs: dict[str, str] = {}
     # Whether the trainer keeps an EMA teacher of ``ema_module(model)``.
     uses_ema: bool = False
+    # The synthetic testbed (``labelwise data synth KIND``) the ``cpu`` preset is built for.
+    testbed: str = "cooc"
 
     # ------------------------------------------------------------------ presets
     def preset_dir(self):

@@ -1,15 +1,20 @@
-"""The sections of the ``labelwise demo`` report, built from files the demo wrote.
+"""The sections of the ``labelwise demo`` report, built from files the demo recipe wrote.
 
-Inputs are plain paths and dicts so the report can be rebuilt from an existing demo folder:
-the VOC testbed (``data_root``), predictions ``pred_root/SPLIT/{seeds,masks,seed_masks}``,
-the evaluation dicts of :func:`labelwise.evaluation.evaluate`, the training log records.
+Inputs are plain paths and dicts so the report can be rebuilt from an existing demo folder
+(``labelwise run demo`` layout): the VOC testbed (``OUT/testbed``), the predictions of a
+split in one folder (``OUT/pred_SPLIT/`` with ``<id>.npz`` CAM seeds and ``<id>.png``
+pseudo-masks side by side), the evaluation dicts of :func:`labelwise.evaluation.evaluate`,
+the recipe's comparison table rows (``OUT/table.json``) and the training log records.
+The "seeds as mask" images are computed here from the ``.npz`` with
+:func:`labelwise.blocks.cam.cam_to_label` at the run's background threshold -- the rule the
+evaluator applies to score the seeds.
 """
 
 from __future__ import annotations
 
 from html import escape
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -50,9 +55,24 @@ def cam_image(npz_path: Path, image: np.ndarray) -> tuple[np.ndarray, list[int]]
     return heatmap(cam, image, alpha=0.5, vmin=0.0, vmax=max(1e-6, float(cam.max()))), keys
 
 
-def examples_section(data_root: Path, pred_root: Path, split: str, ids: Sequence[str],
-                     names: list[str]) -> Section:
-    d = Path(pred_root) / split
+def seeds_mask(npz_path: Path, bg_threshold: float) -> np.ndarray:
+    """Seeds ``.npz`` -> label map (uint8): the present class of largest CAM, background where
+    that CAM is ``<= bg_threshold`` (:func:`labelwise.blocks.cam.cam_to_label` with the keys)."""
+    import torch
+
+    from labelwise.blocks.cam import cam_to_label
+    from labelwise.data.overrides import read_seeds
+
+    seeds = read_seeds(npz_path)
+    return cam_to_label(torch.from_numpy(seeds["cams"]), keys=torch.from_numpy(seeds["keys"]),
+                        bg_threshold=float(bg_threshold)).numpy().astype(np.uint8)
+
+
+def examples_section(data_root: Path, pred_dir: Path, split: str, ids: Sequence[str],
+                     names: list[str], bg_threshold: float) -> Section:
+    """Per image: photo, ground truth, CAM heat map, seeds as mask (at ``bg_threshold``) and the
+    pseudo-mask, read from ``pred_dir`` (``<id>.npz`` seeds and ``<id>.png`` pseudo-masks)."""
+    d = Path(pred_dir)
     rows = []
     for i in ids:
         img = read_image(Path(data_root) / "JPEGImages" / f"{i}.jpg")
@@ -64,29 +84,42 @@ def examples_section(data_root: Path, pred_root: Path, split: str, ids: Sequence
             figs.append(img_html(resize_image(colorize_label(gt), 512, nearest=True), "ground truth", THUMB))
         else:
             present = []
-        if (d / "seeds" / f"{i}.npz").is_file():
-            hm, keys = cam_image(d / "seeds" / f"{i}.npz", img)
+        npz = d / f"{i}.npz"
+        if npz.is_file():
+            hm, _ = cam_image(npz, img)
             figs.append(img_html(resize_image(hm, 512), "CAM (max over tags)", THUMB))
-        if (d / "seed_masks" / f"{i}.png").is_file():
-            figs.append(img_html(resize_image(label_overlay(img, read_label(d / "seed_masks" / f"{i}.png")), 512),
-                                 "seeds as mask", THUMB))
-        if (d / "masks" / f"{i}.png").is_file():
-            figs.append(img_html(resize_image(label_overlay(img, read_label(d / "masks" / f"{i}.png")), 512),
+            figs.append(img_html(resize_image(label_overlay(img, seeds_mask(npz, bg_threshold)), 512),
+                                 f"seeds as mask (t={bg_threshold:g})", THUMB))
+        if (d / f"{i}.png").is_file():
+            figs.append(img_html(resize_image(label_overlay(img, read_label(d / f"{i}.png")), 512),
                                  "pseudo-mask", THUMB))
         tag_names = ", ".join(names[c] if c < len(names) else str(c) for c in present)
         rows.append(figure_row(figs, f"{i}: {tag_names}" if tag_names else i))
     legend = " ".join(f"{swatch(VOC_PALETTE[c])}{escape(n)}" for c, n in enumerate(names))
     intro = (f"<p>Images of the <b>{escape(split)}</b> split: the photo, its ground truth, the CAM heat map "
              "(maximum over the image's tag classes, jet colours: blue low, red high), the CAM seeds turned "
-             "into a mask (argmax with a background threshold) and the pseudo-mask, as overlays.</p>"
+             f"into a mask (argmax over the tag classes, background where the CAM is &le; {bg_threshold:g}) "
+             "and the pseudo-mask, as overlays.</p>"
              f"<p>{legend}</p>")
     return Section(f"Examples ({split})", intro + "".join(rows), anchor=f"examples-{split}")
 
 
+def table_html(rows: Sequence[dict]) -> str:
+    """The recipe's comparison table (rows of ``OUT/table.json``: one per evaluate stage)."""
+    from labelwise.stages.table import headline_columns
+
+    cols = headline_columns(list(rows))
+    titles = {"miou": "mIoU", "confusion_ratio": "confusion ratio (FP/TP)", "pixel_acc": "pixel acc"}
+    body = [[r.get("label") or r.get("stage"), r.get("split") or "-", *(r.get(k) for k in cols)] for r in rows]
+    return html_table(["stage", "split", *(titles.get(k, k.replace("_", " ")) for k in cols)], body,
+                      caption="Comparison table of the recipe's evaluate stages (OUT/table.md, OUT/table.json)")
+
+
 def metrics_section(metrics: dict[str, dict[str, dict]], names: list[str],
-                    sweeps: dict[str, dict] | None = None, mask_source: str = "") -> Section:
-    """Per-split summary table and per-class IoU / confusion-ratio tables."""
-    parts = []
+                    sweeps: dict[str, dict] | None = None, mask_source: str = "",
+                    table: Sequence[dict] = ()) -> Section:
+    """The recipe's comparison table, per-split summary table and per-class IoU / confusion-ratio tables."""
+    parts = [table_html(table)] if table else []
     rows = []
     for split, m in metrics.items():
         for kind, label in (("seeds", "CAM seeds as masks"), ("masks", "pseudo-masks")):
@@ -130,7 +163,8 @@ def threshold_sweep(seed_dir: Path, gt_dir: Path, num_classes: int,
                     ignore_index: int = 255) -> dict[str, list[float]]:
     """mIoU and confusion ratio (FP/TP, foreground) of seeds-as-masks at each background threshold.
 
-    For every ``<id>.npz`` in ``seed_dir`` with a ground truth ``gt_dir/<id>.png``: label =
+    For every ``<id>.npz`` in ``seed_dir`` (other files, e.g. the pseudo-mask PNGs the demo keeps
+    next to the seeds, are ignored) with a ground truth ``gt_dir/<id>.png``: label =
     the present class of largest CAM, background where that CAM is ``<= t``. An analysis
     plot only -- the run's threshold is fixed in its config, never picked from this curve.
     """
@@ -232,8 +266,9 @@ def summary_section(summary: dict) -> Section:
              ("confusion ratio seeds", summary.get("seeds_confusion_ratio")),
              ("confusion ratio pseudo-masks", summary.get("masks_confusion_ratio"))]
     el = summary.get("elapsed_s")
-    settings = [["dataset", summary.get("data")], ["run", summary.get("run_dir")],
-                ["method", "cam (cpu preset)"], ["last logged step", summary.get("steps")],
+    settings = [["recipe", summary.get("recipe", "demo")], ["dataset", summary.get("data")],
+                ["run", summary.get("run_dir")],
+                ["method", f"cam ({summary.get('preset', 'cpu')} preset)"], ["last logged step", summary.get("steps")],
                 ["seeds-as-mask background threshold", summary.get("seed_bg_threshold")],
                 ["pseudo-masks", summary.get("pseudo_masks")],
                 ["elapsed before the report", f"{el:.1f} s" if isinstance(el, (int, float)) else el]]
@@ -243,23 +278,45 @@ def summary_section(summary: dict) -> Section:
     return Section("Summary", html, anchor="summary")
 
 
-def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_root: Path, splits: Sequence[str],
-                      log: Sequence[dict], photos: Sequence = (), photo_note: str = "",
-                      n_examples: int = 6) -> Path:
-    """Write the demo's self-contained ``report.html`` and return its path."""
+def read_table(out: Path) -> list[dict]:
+    """Rows of ``OUT/table.json`` (the recipe's comparison table); ``[]`` when it is not there."""
+    import json
+
+    p = Path(out) / "table.json"
+    if not p.is_file():
+        return []
+    rows = json.loads(p.read_text())
+    return rows if isinstance(rows, list) else []
+
+
+def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: Mapping[str, Path],
+                      bg_threshold: float, log: Sequence[dict], table: Sequence[dict] | None = None,
+                      photos: Sequence = (), photo_note: str = "", n_examples: int = 6) -> Path:
+    """Write the demo's self-contained ``report.html`` and return its path.
+
+    ``summary``: the demo's ``metrics.json`` dict (``headline_split``, ``metrics[split]["seeds"|"masks"]``,
+    ``threshold_sweep``, ...); ``data_root``: the VOC testbed; ``pred_dirs``: ``{split: folder}`` with
+    ``<id>.npz`` seeds and ``<id>.png`` pseudo-masks (``OUT/pred_SPLIT``); ``bg_threshold``: the run's
+    background threshold (``infer.bg_threshold``), used for the "seeds as mask" images; ``log``: the
+    training ``log.jsonl`` records; ``table``: the comparison table rows (None: read
+    ``table.json`` next to ``path``); ``photos``: ``[(name, image, [ClassCAM])]`` of the real-photo
+    section, ``photo_note`` a line shown there (e.g. why it was skipped).
+    """
     names = class_names_of(data_root)
     metrics: dict[str, Any] = summary.get("metrics", {})
+    if table is None:
+        table = read_table(Path(path).parent)
     sections = [summary_section(summary)]
-    split = summary.get("headline_split") or splits[0]
+    split = summary.get("headline_split") or next(iter(pred_dirs))
     ids_file = Path(data_root) / "ImageSets" / "Segmentation" / f"{split}.txt"
     ids = [ln.split()[0] for ln in ids_file.read_text().splitlines() if ln.strip()] if ids_file.is_file() else []
-    if n_examples > 0:
-        sections.append(examples_section(data_root, pred_root, split, pick_examples(ids, n_examples), names))
+    if n_examples > 0 and split in pred_dirs:
+        sections.append(examples_section(data_root, pred_dirs[split], split, pick_examples(ids, n_examples), names,
+                                         bg_threshold))
     sweeps = summary.get("threshold_sweep")
-    if sweeps is None and names and (Path(pred_root) / split / "seeds").is_dir():
-        sweeps = {split: threshold_sweep(Path(pred_root) / split / "seeds", Path(data_root) / "SegmentationClass",
-                                         len(names))}
-    sections.append(metrics_section(metrics, names, sweeps, summary.get("pseudo_masks", "")))
+    if sweeps is None and names and split in pred_dirs and Path(pred_dirs[split]).is_dir():
+        sweeps = {split: threshold_sweep(pred_dirs[split], Path(data_root) / "SegmentationClass", len(names))}
+    sections.append(metrics_section(metrics, names, sweeps, summary.get("pseudo_masks", ""), table))
     sections.append(training_section(log, summary))
     if photos or photo_note:
         sections.append(photos_section(photos, photo_note))

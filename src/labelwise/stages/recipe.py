@@ -37,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
 from labelwise.errors import LabelwiseError
 
 __all__ = ["Recipe", "Stage", "load_recipe", "STAGE_KINDS", "REF"]
@@ -134,16 +132,10 @@ def substitute(value: Any, lookup, where: str) -> Any:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe file (a path, or the name of a recipe shipped with labelwise)."""
+    from labelwise.config import load_yaml
+
     path = find_recipe(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise LabelwiseError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    if not isinstance(doc, dict):
-        raise LabelwiseError(f"{path}: a recipe is a mapping with 'stages' (and optional 'vars', 'data'); see "
-                             "labelwise run --help")
+    doc = load_yaml(path, what="recipe", flag="labelwise run")
     unknown = sorted(set(doc) - {"description", "vars", "data", "stages"})
     if unknown:
         raise LabelwiseError(f"{path}: unknown top-level key '{unknown[0]}'; allowed: description, vars, data, stages")

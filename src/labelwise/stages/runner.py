@@ -148,6 +148,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path, *, overrides: Itera
                                        seconds=0.0))
             continue
         if rec is not None and (rec.get("params") != params or rec.get("deps") != dep_tokens):
+            _refuse_if_training_depends(recipe, stage.name, out, _changes(rec, params, dep_tokens))
             _stale(stage, rec, params, dep_tokens, stage_dir, say, head)
         say(f"{head} ...")
         _write_record(out, stage.name, {"kind": stage.kind, "params": params, "deps": dep_tokens, "complete": False})
@@ -176,6 +177,41 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path, *, overrides: Itera
     return {"stages": outputs, "table": rows, "results": results, "out": str(out)}
 
 
+def _dependents(recipe: Recipe, name: str) -> list[str]:
+    """Stages that use ``name``'s outputs, directly or through other stages (a stage without
+    its own dataset uses the recipe's ``data`` and so whatever that refers to)."""
+    from labelwise.stages.recipe import refs_in
+
+    data_refs = refs_in(recipe.data)
+    uses = {s.name: s.refs() | (data_refs if s.kind != "synth" else set()) for s in recipe.stages}
+    found: list[str] = []
+    frontier = {name}
+    while frontier:
+        new = [s for s, r in uses.items() if r & frontier and s not in found and s != name]
+        found += new
+        frontier = set(new)
+    return found
+
+
+def _changes(rec: dict, params: dict, deps: dict) -> str:
+    """What differs from a stage's record: ``field a, field b, stage c re-ran``."""
+    old, old_deps = rec.get("params") or {}, rec.get("deps") or {}
+    fields = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+    inputs = sorted(k for k in set(old_deps) | set(deps) if old_deps.get(k) != deps.get(k))
+    return ", ".join([f"field {k}" for k in fields] + [f"stage {k} re-ran" for k in inputs])
+
+
+def _refuse_if_training_depends(recipe: Recipe, name: str, out: Path, what: str) -> None:
+    """A stage is about to be redone: refuse first (nothing touched) when a finished training
+    stage was trained on its outputs -- redoing it would leave that run without its inputs."""
+    for dep in _dependents(recipe, name):
+        rec = _read_record(out, dep)
+        if recipe.stage(dep).kind == "train" and rec is not None and rec.get("complete"):
+            raise LabelwiseError(f"stage '{name}' changed ({what}) since {out / dep} was trained on its outputs; "
+                                 f"delete {out / dep} to retrain on the new ones, or use a new --out (nothing was "
+                                 "changed)")
+
+
 def _token(kind: str, stage_dir: Path) -> str:
     """A new token for new outputs; a training stage's token is its checkpoint (same weights = same token)."""
     if kind == "train":
@@ -202,8 +238,7 @@ def _stale(stage, rec: dict, params: dict, deps: dict, stage_dir: Path, say, hea
                                  f"delete that folder to retrain, or use a new --out")
         say(f"{head}: length changed ({', '.join(changed)}); training continues")
         return
-    why = ", ".join([f"field {k}" for k in changed] + [f"stage {k} re-ran" for k in inputs_changed])
-    say(f"{head}: {why} -> redoing it")
+    say(f"{head}: {_changes(rec, params, deps)} -> redoing it")
     if dist.is_main() and stage_dir.exists():
         shutil.rmtree(stage_dir)
     dist.barrier()

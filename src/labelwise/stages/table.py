@@ -46,13 +46,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table; columns: stage label, task, split, then the headline metrics in use."""
+def headline_columns(rows: list[dict]) -> list[str]:
+    """The headline metrics of the tasks in ``rows``, in order, each once."""
     cols: list[str] = []
     for r in rows:
         for k in HEADLINE.get(r.get("task") or "", ()):
             if k not in cols:
                 cols.append(k)
+    return cols
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table; columns: stage label, task, split, then the headline metrics in use."""
+    cols = headline_columns(rows)
     head = ["stage", "task", "split", *cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:

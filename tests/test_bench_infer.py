@@ -1,0 +1,26 @@
+"""``labelwise bench infer`` writes the contract JSON: one entry per variant with ms_per_image,
+and the engine's one-pass vs two-pass ratio measured in the same run (no time is asserted)."""
+
+import json
+
+import torch
+
+from labelwise.cli import main
+
+
+def test_bench_infer_tiny_run_writes_contract_json(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "infer", "--images", "2", "--size", "48", "--repeats", "1", "--batch-size", "2",
+                     "--threads", str(threads), "--device", "cpu", "--json", str(tmp_path / "b.json"),
+                     "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert set(res) == {"cam_single", "cam_multiscale", "cam_multiscale_batched", "infer_two_passes",
+                        "infer_one_pass"}
+    for v in res.values():
+        assert v["ms_per_image"] > 0 and v["ms_per_image_min"] <= v["ms_per_image"] <= v["ms_per_image_max"]
+    r = res["infer_one_pass"]
+    assert r["speedup_vs_two_passes"] == res["infer_two_passes"]["ms_per_image"] / r["ms_per_image"]
+    assert "infer_one_pass" in capsys.readouterr().out
