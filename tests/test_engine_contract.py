@@ -182,3 +182,21 @@ def test_state_is_not_in_the_model_or_the_teacher(tmp_path):
     loaded = api.load_run(tmp_path / "r", device="cpu")
     assert torch.equal(loaded.state.centre, ck["state"]["centre"])
     assert not any("centre" in k for k in loaded.model.state_dict())
+
+
+def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
+    api.train("_toy", "toy:x", tmp_path / "r", steps=2, show_progress=False)
+    ck = tmp_path / "r/checkpoints/last.pt"
+    state = torch.load(ck, weights_only=False)
+    state["model"]["head.weight"] = torch.zeros(3, 8, 1, 1)
+    state["model"]["conv_head.weight"] = torch.zeros(1)
+    del state["model"]["proj.bias"]
+    torch.save(state, ck)
+    for call in (lambda: api.load_run(tmp_path / "r", device="cpu"),
+                 lambda: api.train("_toy", "toy:x", tmp_path / "r", steps=3, show_progress=False)):
+        with pytest.raises(LabelwiseError) as e:
+            call()
+        msg = str(e.value)
+        assert "last.pt: its model does not fit" in msg and "\n" not in msg
+        assert "1 missing (e.g. proj.bias)" in msg and "1 unexpected (e.g. conv_head.weight)" in msg
+        assert "1 wrong shape (e.g. head.weight)" in msg

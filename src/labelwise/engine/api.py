@@ -219,7 +219,7 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path |
     """
     import torch
 
-    from labelwise.engine.checkpoint import load_checkpoint
+    from labelwise.engine.checkpoint import load_checkpoint, load_module_state
     from labelwise.engine.registry import get_method
     from labelwise.utils import resolve_device
 
@@ -236,16 +236,16 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path |
     with torch.random.fork_rng(devices=[]):
         model = method.build_model(cfg, info, pretrained=False)
         state = method.build_state(cfg, info)
-    model.load_state_dict(ckpt["model"])
+    load_module_state(model, ckpt["model"], path)
     if state is not None:
-        state.load_state_dict(ckpt["state"])
+        load_module_state(state, ckpt.get("state") or {}, path, "state")
         state = state.to(dev).eval()
     teacher = None
     if ckpt.get("ema") is not None and method.uses_ema:
         from labelwise.blocks.ema import EMATeacher
 
         teacher = EMATeacher(method.ema_module(model))
-        teacher.load_state_dict(ckpt["ema"])
+        load_module_state(teacher, ckpt["ema"], path, "EMA teacher")
     model = method.inference_model(model, teacher, state).to(dev).eval()
     return LoadedRun(method=method, cfg=cfg, info=info, model=model, state=state, run_dir=run_dir)
 

@@ -78,6 +78,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                              "previous one") from None
 
 
+def load_module_state(module: torch.nn.Module, state: dict, path: str | Path, what: str = "model") -> None:
+    """``module.load_state_dict(state)`` with a one-line error naming the checkpoint and the
+    first missing / unexpected / reshaped keys (a checkpoint of another labelwise version or config)."""
+    own = module.state_dict()
+    problems = {"missing": [k for k in own if k not in state],
+                "unexpected": [k for k in state if k not in own],
+                "wrong shape": [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]}
+    parts = [f"{len(keys)} {name} (e.g. {keys[0]})" for name, keys in problems.items() if keys]
+    if parts:
+        raise LabelwiseError(f"{path}: its {what} does not fit the {what} this config builds: {', '.join(parts)}; "
+                             "it was written by another labelwise version or config -- retrain into a new --out")
+    module.load_state_dict(state)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     last = checkpoint_dir(run_dir) / "last.pt"
     return last if last.is_file() else None

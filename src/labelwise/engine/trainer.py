@@ -40,7 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from labelwise import dist
-from labelwise.engine.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from labelwise.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, load_module_state, restore_rng,
+                                        save_checkpoint)
 from labelwise.engine.data import ShardedSampler, batch_len, to_device, worker_init_fn
 from labelwise.engine.logging import RunLogger
 from labelwise.engine.method import Method, StepContext
@@ -161,18 +162,18 @@ class Trainer:
             self.logger.truncate_after(0)
             return
         state = load_checkpoint(path, map_location=self.device)
-        self.module.load_state_dict(state["model"])
+        load_module_state(self.module, state["model"], path)
         if self.state is not None:
             if state.get("state") is None:
                 raise LabelwiseError(f"{path}: holds no '{self.method.name}' state module; it was written by "
                                      "another version of the method — use a new --out")
-            self.state.load_state_dict(state["state"])
+            load_module_state(self.state, state["state"], path, "state")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.teacher is not None and state.get("ema") is not None:
-            self.teacher.load_state_dict(state["ema"])
+            load_module_state(self.teacher, state["ema"], path, "EMA teacher")
         self.step = int(state["step"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         rngs = state.get("rng") or []
