@@ -188,9 +188,11 @@ def _worker(rank, world, init_file, out_file):
     q2.enqueue(torch.arange(2 * n, dtype=torch.float32).view(n, 2) + 10 * rank, torch.full((n,), rank))
     q2.enqueue(torch.ones(0 if rank == 0 else 2, 2) * -1, torch.full((0 if rank == 0 else 2,), 7))
     padded, valid = all_gather_padded(torch.full((rank + 1, 3), float(rank)))
-    cat = all_gather_cat(torch.full((rank + 1, 3), float(rank), requires_grad=True))
+    x = torch.full((rank + 1, 3), float(rank), requires_grad=True)
+    cat = all_gather_cat(x)
+    (cat * torch.arange(1.0, 4.0)[:, None]).sum().backward()  # row weights 1, 2, 3 in the gathered order
     torch.save({"labels": q.get()[1], "feats": q.get()[0], "proto": bank.prototypes, "ema": ok_ema,
-                "q2": q2.get(ordered=True), "padded": padded, "valid": valid, "cat": cat.detach()},
+                "q2": q2.get(ordered=True), "padded": padded, "valid": valid, "cat": cat.detach(), "grad": x.grad},
                f"{out_file}.{rank}")
     dist.destroy_process_group()
 
@@ -215,6 +217,8 @@ def test_two_rank_gather_and_reduce(tmp_path):
         assert r["padded"].shape == (2, 2, 3) and r["valid"].tolist() == [[True, False], [True, True]]
         assert r["padded"][0, 1].abs().sum() == 0  # padding rows are zeros
         assert r["cat"].tolist() == [[0.0] * 3, [1.0] * 3, [1.0] * 3]
+    # the local rows keep their graph: rank 0's row is gathered row 0, rank 1's rows are rows 1 and 2
+    assert r0["grad"].tolist() == [[1.0] * 3] and r1["grad"].tolist() == [[2.0] * 3, [3.0] * 3]
 
 
 def test_ema_teacher_stays_in_eval_mode():

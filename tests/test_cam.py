@@ -205,8 +205,8 @@ def test_cam_predict_is_batched_resumable_and_sharded(tmp_path, monkeypatch):
     infer = ["infer", str(tmp_path / "run"), "--data", f"voc:{root}", "--split", "val", "--what", "seeds,masks"]
     assert main(infer + ["--out", str(tmp_path / "b1"), "--set", "infer.batch_size=1", "infer.num_workers=0"]) == 0
     assert main(infer + ["--out", str(tmp_path / "b4"), "--set", "infer.batch_size=4"]) == 0
-    names = sorted(p.name for p in (tmp_path / "b1").iterdir())
-    assert len(names) == 14 and names == sorted(p.name for p in (tmp_path / "b4").iterdir())
+    names = sorted(p.name for p in (tmp_path / "b1").iterdir() if not p.name.startswith("."))
+    assert len(names) == 14 and names == sorted(p.name for p in (tmp_path / "b4").iterdir() if not p.name.startswith("."))
     for n in names:
         if n.endswith(".png"):
             assert (tmp_path / "b1" / n).read_bytes() == (tmp_path / "b4" / n).read_bytes(), n
@@ -233,3 +233,29 @@ def test_cam_predict_is_batched_resumable_and_sharded(tmp_path, monkeypatch):
     for n in names:
         if n.endswith(".png"):
             assert (tmp_path / "b1" / n).read_bytes() == (tmp_path / "ddp" / n).read_bytes(), n
+
+
+def test_infer_refuses_to_mix_predictions_of_other_settings(tmp_path, monkeypatch, capsys):
+    """Re-running infer into a folder resumes only for the same run, checkpoint, data and infer.*
+    settings (batch size and workers may change); otherwise one line and exit 2."""
+    from labelwise.cli import main
+    from labelwise.data.synth import generate
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    root = generate("cooc", tmp_path / "c", n_train=4, n_val=3, size=32, seed=5)
+    train = ["train", "cam", "--data", f"voc:{root}", "--out", str(tmp_path / "run"), "--set",
+             "model.backbone=vit_tiny_test", "model.pretrained=false", "data.crop_size=32", "train.batch_size=2",
+             "train.eval_at_end=false"]
+    assert main(train + ["--steps", "1"]) == 0
+    infer = ["infer", str(tmp_path / "run"), "--data", f"voc:{root}", "--split", "val", "--out", str(tmp_path / "p")]
+    assert main(infer + ["--what", "masks"]) == 0
+    assert main(infer + ["--what", "masks", "--set", "infer.batch_size=3"]) == 0  # same outputs: fine
+    assert main(infer + ["--what", "seeds"]) == 0  # another output into the same folder: fine
+    capsys.readouterr()
+    assert main(infer + ["--what", "masks", "--set", "infer.bg_threshold=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'masks' predictions made with another infer.bg_threshold" in err
+    assert main(train[:6] + ["--steps", "2"]) == 0  # trained further: the checkpoint changed
+    capsys.readouterr()
+    assert main(infer + ["--what", "seeds"]) == 2
+    assert "another checkpoint" in capsys.readouterr().err

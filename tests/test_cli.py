@@ -79,3 +79,23 @@ def test_python_dash_m_entry_point(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("labelwise: error:"), proc.stderr
+
+
+def test_no_progress_and_device_take_effect(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LABELWISE_NO_PROGRESS", raising=False)
+    assert main(["data", "synth", "cooc", str(tmp_path / "a"), "--train", "2", "--val", "1", "--size", "32"]) == 0
+    assert "synth cooc train" in capsys.readouterr().err  # a progress bar by default
+    monkeypatch.delenv("LABELWISE_NO_PROGRESS", raising=False)
+    assert main(["data", "synth", "cooc", str(tmp_path / "b"), "--train", "2", "--val", "1", "--size", "32",
+                 "--no-progress"]) == 0
+    assert "synth cooc train" not in capsys.readouterr().err
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    assert main(["train", "cam", "--data", f"voc:{tmp_path / 'a'}", "--out", str(tmp_path / "r"), "--steps", "1",
+                 "--device", "cpu", "--set", "model.backbone=vit_tiny_test", "model.pretrained=false",
+                 "data.crop_size=32", "train.batch_size=2", "train.eval_at_end=false"]) == 0
+    assert "device: cpu" in (tmp_path / "r/config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["infer", str(tmp_path / "r"), "--data", f"voc:{tmp_path / 'a'}", "--split", "val", "--out",
+                 str(tmp_path / "p"), "--device", "cuda:7"]) == 2  # the device reaches the model (none here)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device 'cuda:7'" in err

@@ -67,6 +67,7 @@ def test_staged_method_two_ranks_equal_one_process(tmp_path):
                                rtol=1e-4, atol=1e-5)
     la, lb = _log(tmp_path / "single"), _log(tmp_path / "ddp")
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+    assert [r.get("nce") for r in la] == pytest.approx([r.get("nce") for r in lb], rel=1e-5)
     # staging: the contrastive term appears from step stage_step + 1 on (log step = steps done)
     assert [("nce" in r) for r in la] == [False] * 2 + [True] * 6
     # the projection only moved after the freeze epoch (16 images / 4 = 4 steps per epoch)
@@ -76,8 +77,9 @@ def test_staged_method_two_ranks_equal_one_process(tmp_path):
 
 
 def test_staged_method_resumes_bit_identically(tmp_path):
+    # log_every=3 with checkpoints every 2 steps: the crash lands inside a log window
     common = dict(method="_toy_staged", data="toy:x", overrides=STAGED + ["train.batch_size=4", "model.noise=0.1",
-                                                                          "model.dropout=0.3"],
+                                                                          "model.dropout=0.3", "train.log_every=3"],
                   show_progress=False)
     ref = api.train(out=tmp_path / "ref", **common)
 
@@ -92,7 +94,10 @@ def test_staged_method_resumes_bit_identically(tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    assert [r["loss"] for r in _log(ref)] == [r["loss"] for r in _log(tmp_path / "run")]
+    la, lb = _log(ref), _log(tmp_path / "run")
+    assert [r["step"] for r in la] == [3, 6, 8]
+    for key in ("loss", "nce", "l1"):  # the window spanning the crash is restored from the checkpoint
+        assert [r.get(key) for r in la] == [r.get(key) for r in lb], key
     # the state was really used and checkpointed: the bank is not empty
     assert int(a["state"]["queue.count"]) > 0
 
@@ -200,3 +205,38 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
         assert "last.pt: its model does not fit" in msg and "\n" not in msg
         assert "1 missing (e.g. proj.bias)" in msg and "1 unexpected (e.g. conv_head.weight)" in msg
         assert "1 wrong shape (e.g. head.weight)" in msg
+
+
+def test_a_staged_term_is_averaged_over_the_steps_that_returned_it(tmp_path):
+    every = api.train("_toy_staged", "toy:x", tmp_path / "every", show_progress=False,
+                      overrides=STAGED + ["train.batch_size=4", "train.max_steps=4", "loss.stage_step=3",
+                                          "train.log_every=1"])
+    window = api.train("_toy_staged", "toy:x", tmp_path / "window", show_progress=False,
+                       overrides=STAGED + ["train.batch_size=4", "train.max_steps=4", "loss.stage_step=3",
+                                           "train.log_every=4"])
+    e, w = _log(every), _log(window)
+    assert [r["step"] for r in w] == [4] and "nce" in w[0]
+    assert w[0]["nce"] == pytest.approx(e[3]["nce"], rel=1e-6)  # returned at step 4 only: not divided by 4
+    assert w[0]["l1"] == pytest.approx(sum(r["l1"] for r in e) / 4, rel=1e-6)
+
+
+def test_resume_accepts_the_original_flags_plus_runtime_settings(tmp_path):
+    sets = ["model.noise=0.1", "n_images=12", "train.ckpt_every=2"]
+    api.train("_toy", "toy:x", tmp_path / "r", overrides=sets, steps=2, show_progress=False)
+    # the same --set again, plus settings that do not change what is computed (as --device / --skip-bad do)
+    api.train("_toy", "toy:x", tmp_path / "r", overrides=sets + ["train.device=cpu", "data.skip_bad=true"], steps=3,
+              show_progress=False)
+    api.train("_toy", "toy:x", tmp_path / "r", overrides=["train.num_workers=1"], steps=4, show_progress=False)
+    assert load_checkpoint(tmp_path / "r/checkpoints/last.pt")["step"] == 4
+    with pytest.raises(LabelwiseError, match="differs from the requested config at model.noise"):
+        api.train("_toy", "toy:x", tmp_path / "r", overrides=["model.noise=0.2"], steps=5, show_progress=False)
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_fixed_in_place(tmp_path):
+    with pytest.raises(LabelwiseError, match="lower train.batch_size"):
+        api.train("_toy", "toy:x", tmp_path / "r", overrides=["n_images=4", "train.batch_size=8"], show_progress=False)
+    assert (tmp_path / "r/config.yaml").is_file() and not (tmp_path / "r/checkpoints").exists()
+    api.train("_toy", "toy:x", tmp_path / "r", overrides=["n_images=4", "train.batch_size=2"], steps=2,
+              show_progress=False)
+    assert "batch_size: 2" in (tmp_path / "r/config.yaml").read_text()
+    assert load_checkpoint(tmp_path / "r/checkpoints/last.pt")["step"] == 2

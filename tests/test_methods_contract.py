@@ -70,7 +70,9 @@ def test_torchrun_two_ranks_train_the_cpu_preset_then_a_moved_run_infers(name, t
     assert torch.equal(torch.get_rng_state(), state)  # loading a run leaves the global RNG alone
     ck = torch.load(moved / "checkpoints/last.pt", map_location="cpu", weights_only=False)
     sd = loaded.model.state_dict()
-    assert any(torch.equal(sd[k], v) for k, v in ck["model"].items() if k in sd)
+    teacher = {k[len("module."):]: v for k, v in (ck.get("ema") or {}).items() if k.startswith("module.")}
+    expected = ck["model"] if set(sd) == set(ck["model"]) else teacher  # the student, or the EMA teacher
+    assert set(sd) == set(expected) and all(torch.equal(sd[k], expected[k]) for k in sd)
     out = tmp_path / "pred"
     api.infer(moved, spec, "val", out, device="cpu", show_progress=False)
     assert len([p for p in out.rglob("*") if p.is_file() and p.name != "skipped.txt"]) >= 3

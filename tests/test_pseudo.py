@@ -109,6 +109,14 @@ def test_sharded_and_resumed_equal_single_run(tmp_path, extractor, monkeypatch):
     assert extractor.seen - before == 4
     assert json.loads(resumed.read_text()) == ref
 
+    # a run resumed at another batch size (e.g. after running out of memory) is the same run
+    again = tmp_path / "again.json"
+    _gen(images, again, extractor, keep_parts=True)
+    again.unlink()
+    runner.generate("oap", images, again, backbone="vit_tiny_test", batch_size=1, extractor=extractor,
+                    overrides=["oap.min_area=2"], show_progress=False)
+    assert json.loads(again.read_text()) == ref
+
     # a leftover parts folder from other settings is refused
     other = tmp_path / "other.json"
     _gen(images, other, extractor, keep_parts=True)

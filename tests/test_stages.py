@@ -48,7 +48,9 @@ def _quiet(monkeypatch):
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """The predictions in ``d`` (not the hidden record of which run made them, which names paths)."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
 
 
 def test_killed_recipe_resumes_and_ends_equal_to_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -223,3 +225,43 @@ def test_substitution_keeps_types_and_formats_strings():
                       "run": "${a.run}", "path": "${a.run}/checkpoints"}, lookup, "s")
     assert out == {"steps": 3, "set": ["infer.crf=true", "k=null"], "run": "/x/run", "path": "/x/run/checkpoints"}
     assert np.isscalar(out["steps"])
+
+
+def test_deleted_outputs_are_redone_and_a_failed_training_stage_can_be_fixed(tmp_path):
+    recipe = _recipe(tmp_path / "r.yaml")
+    # a typo in the training stage fails before any checkpoint; fixing it continues in place
+    with pytest.raises(LabelwiseError, match="optim.lrr"):
+        run_recipe(recipe, tmp_path / "o", overrides=["cam.set=[optim.lrr=0.1]"], show_progress=False,
+                   log=lambda m: None)
+    run_recipe(recipe, tmp_path / "o", show_progress=False, log=lambda m: None)
+    table = (tmp_path / "o/table.json").read_text()
+    # deleted outputs are noticed: the stage (and what depends on it) is redone
+    import shutil
+
+    shutil.rmtree(tmp_path / "o/pred")
+    lines = []
+    res = run_recipe(recipe, tmp_path / "o", show_progress=False, log=lines.append)
+    assert [r["status"] for r in res["results"]] == ["skipped", "skipped", "ran", "ran", "ran"]
+    assert any("pred (infer): its outputs are missing" in ln for ln in lines)
+    assert (tmp_path / "o/table.json").read_text() == table
+    (tmp_path / "o/masks/metrics.json").unlink()
+    res = run_recipe(recipe, tmp_path / "o", show_progress=False, log=lambda m: None)
+    assert [r["status"] for r in res["results"]] == ["skipped"] * 4 + ["ran"]
+    # "delete that folder to retrain" works: the deleted training stage starts afresh
+    with pytest.raises(LabelwiseError, match="delete that folder"):
+        run_recipe(recipe, tmp_path / "o", overrides=["cam.set=[optim.lr=0.5]"], show_progress=False,
+                   log=lambda m: None)
+    shutil.rmtree(tmp_path / "o/cam")
+    res = run_recipe(recipe, tmp_path / "o", overrides=["cam.set=[optim.lr=0.5]"], show_progress=False,
+                     log=lambda m: None)
+    assert [r["status"] for r in res["results"]] == ["skipped", "ran", "ran", "ran", "ran"]
+
+
+def test_variable_cycles_and_self_references_are_one_line_errors(tmp_path):
+    p = _recipe(tmp_path / "r.yaml", vars={"a": "${vars.b}", "b": "${vars.a}", "steps": "${vars.a}", "crf": False})
+    with pytest.raises(LabelwiseError, match=r"cycle: a -> b -> a|cycle: b -> a -> b"):
+        run_recipe(p, tmp_path / "o", show_progress=False, log=lambda m: None)
+    q = tmp_path / "self.yaml"
+    q.write_text(yaml.safe_dump({"stages": [{"name": "a", "infer": {"run": "${a.run}", "split": "x"}}]}))
+    with pytest.raises(LabelwiseError, match=r"refers to \$\{a...\}, itself"):
+        load_recipe(q)

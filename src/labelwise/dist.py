@@ -52,8 +52,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def comm_device() -> torch.device:
+    """Where tensors must be for this process group's collectives: the rank's GPU for nccl,
+    the CPU otherwise (gloo)."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (in place on a copy); identity when not distributed.
+    """Sum a tensor over ranks (on a copy); identity when not distributed. The result has the
+    input's device and dtype, whatever device the backend needs.
 
     gloo has no int64/uint8 reductions on some builds, so integer tensors are reduced as
     float64 (exact up to 2**53, far above any pixel count).
@@ -61,10 +70,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return t
     orig_dtype, orig_device = t.dtype, t.device
-    work = t.detach().clone()
-    if dist.get_backend() == "gloo":
-        work = work.to("cpu", torch.float64)
-    elif not work.is_floating_point():
+    work = t.detach().to(comm_device(), copy=True)
+    if dist.get_backend() == "gloo" or not work.is_floating_point():
         work = work.to(torch.float64)
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(orig_device, orig_dtype)
@@ -76,30 +83,40 @@ def all_gather_padded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(padded, valid)``: ``padded`` is ``world x n_max x ...`` with each rank's rows
     first and zeros after them, ``valid`` the ``world x n_max`` bool mask of real rows. Each
     rank pads to the largest count before the collective, which is what lets ranks enqueue
-    different numbers of items (e.g. only confident embeddings) without a hang. Differentiable
-    for the local rank's rows only (as ``torch.distributed.all_gather``).
+    different numbers of items (e.g. only confident embeddings) without a hang. The local
+    rank's rows keep their autograd graph (the other ranks' rows are constants), so a loss
+    over gathered embeddings still trains the local model. Cost: one host sync to learn the
+    counts (a fixed-size gather would need none; unequal counts cannot avoid it).
     """
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    padded, valid, _ = _gather_padded(x)
+    return padded, valid
+
+
+def _gather_padded(x: torch.Tensor):
     if not is_dist() or get_world_size() == 1:
-        return x[None], torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device)
+        return x[None], torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device), [int(x.shape[0])]
+    dev = comm_device()
+    n = torch.tensor([x.shape[0]], device=dev, dtype=torch.long)
     counts = [torch.zeros_like(n) for _ in range(get_world_size())]
     dist.all_gather(counts, n)
-    counts_t = torch.cat(counts)
-    n_max = int(counts_t.max())  # one host sync per gather: needed to size the buffers
-    pad = x.new_zeros((n_max - x.shape[0], *x.shape[1:]))
-    local = torch.cat([x, pad]).contiguous()
-    out = [torch.empty_like(local) for _ in range(get_world_size())]
-    dist.all_gather(out, local)
-    valid = torch.arange(n_max, device=x.device)[None] < counts_t[:, None]
-    return torch.stack(out), valid
+    counts_host = torch.cat(counts).tolist()  # the one host sync: buffer sizes depend on it
+    n_max = max(counts_host)
+    local = torch.cat([x, x.new_zeros((n_max - x.shape[0], *x.shape[1:]))])
+    out = [torch.empty_like(local, device=dev) for _ in range(get_world_size())]
+    dist.all_gather(out, local.detach().to(dev).contiguous())
+    out = [o.to(x.device) for o in out]
+    out[get_rank()] = local  # keeps the local rows' graph
+    valid = torch.arange(n_max, device=x.device)[None] < torch.tensor(counts_host, device=x.device)[:, None]
+    return torch.stack(out), valid, counts_host
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` from every rank concatenated in rank order; counts may differ per rank."""
+    """Rows of ``x`` from every rank concatenated in rank order; counts may differ per rank.
+    Differentiable for the local rows (see :func:`all_gather_padded`); one host sync."""
     if not is_dist() or get_world_size() == 1:
         return x
-    padded, valid = all_gather_padded(x)
-    return padded[valid]
+    padded, _, counts = _gather_padded(x)
+    return torch.cat([padded[r, :c] for r, c in enumerate(counts)])  # host-side counts: no further sync
 
 
 def all_gather_object(obj):

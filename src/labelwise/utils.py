@@ -33,6 +33,12 @@ def resolve_device(name: str = "auto"):
         dev = torch.device(name)
     except RuntimeError:
         raise LabelwiseError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and dev.index is None and is_dist():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LabelwiseError(f"device {name!r}: CUDA is not available on this machine; use cpu or auto")
+        if dev.index is None and is_dist():
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LabelwiseError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s); "
+                                 "use cuda:0 .. cuda:N-1 or auto")
     return dev

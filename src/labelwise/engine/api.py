@@ -10,11 +10,12 @@ RUN_DIR layout: ``config.yaml`` (resolved config, path-valued keys absolute), ``
 ``info.json`` (DatasetInfo: class names), ``checkpoints/last.pt`` (+ ``step_*.pt``),
 ``log.jsonl``, ``tb/``, ``metrics.json``.
 
-Resume rule: ``train`` on a RUN_DIR holding ``config.yaml`` continues from its last
-checkpoint. Without ``--preset/--config/--set`` the saved config is reused (``--steps`` /
-``--epochs`` may still change the length); with them, the newly resolved config must
-equal the saved one except for the length, otherwise it is an error naming the keys. The
-data spec and the stage inputs must be the same as when the run started.
+Resume rule: ``train`` on a RUN_DIR holding a checkpoint continues from it. ``--set``,
+``--steps`` and ``--epochs`` apply on top of the saved config; with ``--preset`` or
+``--config`` the config is resolved from scratch. Either way the result must equal the saved
+config except for ``RESUMABLE_KEYS`` (length, device, workers, skip-bad), otherwise it is an
+error naming the keys. The data spec and the stage inputs must be the same as when the run
+started. A RUN_DIR that stopped before its first checkpoint is started afresh.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from labelwise.errors import LabelwiseError
 from labelwise.io import atomic_write_json
 
 DEFAULT_PRESET = "cpu"
-LENGTH_KEYS = ("train.max_steps", "train.epochs")  # may change when a run is resumed
+# Keys a resumed run may change: its length, and settings that do not change what is computed.
+RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.device", "train.num_workers", "data.skip_bad")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -67,7 +69,7 @@ def resolve_method_config(method, preset: str | None = None, config_files: Itera
     return resolve_config(method.config_cls, layers=layers, files=list(config_files), overrides=overrides)
 
 
-def config_diff(a, b, ignore: Iterable[str] = LENGTH_KEYS) -> list[str]:
+def config_diff(a, b, ignore: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
     fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
     ign = set(ignore)
     return sorted(k for k in set(fa) | set(fb) if k not in ign and fa.get(k) != fb.get(k))
@@ -121,27 +123,26 @@ def prepare_run(method_name: str, data: str, out: str | Path, *, preset: str | N
     for flag, path in (("--labels", inputs["labels"]), ("--seeds", inputs["seeds"])):
         if path is not None and not Path(path).is_dir():
             raise LabelwiseError(f"{flag} {path}: folder not found; pass the --out folder of labelwise infer")
-    if saved_cfg_path.is_file():  # resume
+    from labelwise.engine.checkpoint import latest_checkpoint
+
+    if saved_cfg_path.is_file() and latest_checkpoint(out) is not None:  # resume
         run = read_run(out)
         if run.get("method") != method.name:
             raise LabelwiseError(f"{out} holds a '{run.get('method')}' run, not '{method.name}'; pass a new --out")
         saved = load_config(method.config_cls, saved_cfg_path)
-        if preset is None and not config_files and not overrides:
-            cfg = saved
-            length = length_overrides(steps, epochs)
-            if length:
-                from labelwise.config import apply_overrides
-
-                cfg = from_dict(method.config_cls, apply_overrides(to_dict(saved), length, method.config_cls),
-                                source="--steps/--epochs")
-        else:
+        if preset is not None or config_files:  # the whole command line again: resolve it from scratch
             cfg = resolve_method_config(method, preset or run.get("preset"), config_files, overrides, steps, epochs)
-            diff = config_diff(saved, cfg)
-            if diff:
-                shown = ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
-                raise LabelwiseError(f"{saved_cfg_path} differs from the requested config at {shown}; resuming "
-                                     "needs the same settings (only --steps/--epochs may change) — use a new --out "
-                                     "for a different config")
+        else:  # --set / --steps / --epochs on top of the saved config
+            from labelwise.config import apply_overrides
+
+            cfg = from_dict(method.config_cls, apply_overrides(to_dict(saved), overrides + length_overrides(steps, epochs),
+                                                               method.config_cls), source="--set")
+        diff = config_diff(saved, cfg)
+        if diff:
+            shown = ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
+            raise LabelwiseError(f"{saved_cfg_path} differs from the requested config at {shown}; resuming "
+                                 f"needs the same settings (only {', '.join(RESUMABLE_KEYS)} may change) — use a "
+                                 "new --out for a different config")
         if run.get("data") not in (spec, data):
             raise LabelwiseError(f"{out} was trained on {run.get('data')}, not {spec}; pass the same --data to "
                                  "resume or a new --out")
@@ -156,9 +157,10 @@ def prepare_run(method_name: str, data: str, out: str | Path, *, preset: str | N
                 run["world_size"] = dist.get_world_size()
                 atomic_write_json(out / "run.json", run)
         return method, cfg, info, spec, inputs
+    # A new run -- or one that stopped before its first checkpoint, whose run files are rewritten
     if out.exists() and not out.is_dir():
         raise LabelwiseError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and (out / "checkpoints").exists():
+    if out.is_dir() and not saved_cfg_path.is_file() and latest_checkpoint(out) is not None:
         raise LabelwiseError(f"{out} has checkpoints but no config.yaml; delete it or pass a new --out")
     cfg = resolve_method_config(method, preset, config_files, overrides, steps, epochs)
     info = method.dataset_info(cfg, spec)
@@ -309,13 +311,52 @@ def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str
         raise LabelwiseError(f"{data} has {ds.num_classes} classes but the run was trained with "
                              f"{info.num_classes}; pass a dataset with the same class list")
     out = Path(out)
+    sigs = {w: _prediction_signature(loaded, cfg, normalise_spec(data), split, checkpoint) for w in whats}
+    _check_predictions(out, sigs)
     out.mkdir(parents=True, exist_ok=True)
     writers = output_writers(method, whats, out)
     dev = next(loaded.model.parameters()).device
     ctx = PredictContext(cfg=cfg, info=info, what=whats, device=dev, rank=dist.get_rank(),
                          world_size=dist.get_world_size(), state=loaded.state)
-    run_predict(lambda batch: method.predict(loaded.model, batch, ctx), ds, writers,
-                transform=method.inference_transform(cfg, info), batch_size=cfg.infer.batch_size,
-                num_workers=cfg.infer.num_workers, device=dev, skip_bad=skip_bad, show_progress=show_progress,
-                desc=f"{method.name} {','.join(whats)} {split}")
+    res = run_predict(lambda batch: method.predict(loaded.model, batch, ctx), ds, writers,
+                      transform=method.inference_transform(cfg, info), batch_size=cfg.infer.batch_size,
+                      num_workers=cfg.infer.num_workers, device=dev, skip_bad=skip_bad, show_progress=show_progress,
+                      desc=f"{method.name} {','.join(whats)} {split}")
+    if dist.is_main():
+        atomic_write_json(out / PREDICTIONS_META, {**_read_predictions_meta(out), **sigs})
+        if show_progress:
+            print(f"labelwise: {res['predicted']} images predicted, {res['present']} already in {out}", flush=True)
+    dist.barrier()
     return out
+
+
+PREDICTIONS_META = ".labelwise-predictions.json"
+
+
+def _prediction_signature(loaded: LoadedRun, cfg, spec: str, split: str, checkpoint) -> dict:
+    """What decides an output's contents: the run, its checkpoint, the data and the inference settings."""
+    ck = Path(checkpoint) if checkpoint else loaded.run_dir / "checkpoints" / "last.pt"
+    st = ck.stat()
+    settings = {k: v for k, v in to_dict(cfg.infer).items() if k not in ("batch_size", "num_workers")}
+    return {"run": str(loaded.run_dir.resolve()), "checkpoint": f"{ck.name}:{st.st_size}:{st.st_mtime_ns}",
+            "data": spec, "split": split, "infer": settings}
+
+
+def _read_predictions_meta(out: Path) -> dict:
+    p = out / PREDICTIONS_META
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _check_predictions(out: Path, sigs: dict) -> None:
+    """Outputs already in ``out`` must come from the same run, checkpoint, data and settings:
+    otherwise resuming would mix old and new predictions silently."""
+    old = _read_predictions_meta(out)
+    for what, sig in sigs.items():
+        if what in old and old[what] != sig:
+            fa, fb = _flatten(old[what]), _flatten(sig)
+            keys = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+            raise LabelwiseError(f"{out} holds '{what}' predictions made with another {', '.join(keys)}; pass a new "
+                                 "--out, or delete that folder to predict again")

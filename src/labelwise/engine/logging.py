@@ -1,11 +1,74 @@
-"""Run logging: ``RUN_DIR/log.jsonl`` (one JSON object per logged step) + TensorBoard."""
+"""Run logging: ``RUN_DIR/log.jsonl`` (one JSON object per logged step) + TensorBoard, and the
+window of loss terms between two log steps (:class:`LossWindow`)."""
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 
+import torch
+
+from labelwise import dist
+from labelwise.errors import LabelwiseError
 from labelwise.io import atomic_write_text
+
+
+class LossWindow:
+    """Loss terms summed on the device between log steps (no host sync per step).
+
+    Each term is averaged over the steps in which it was returned (a term staged in half-way
+    through a window is not diluted) and over ranks; ranks may return different terms
+    (:meth:`reduce` agrees on their union). The window is part of the checkpoint, so a run
+    resumed between two log steps logs exactly what an uninterrupted one does.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.images = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, terms: dict, images: int) -> None:
+        for k, v in terms.items():
+            v = v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+        self.images += images
+
+    def reduce(self, step: int) -> dict[str, float]:
+        """Means over steps and ranks (+ ``"_images"``: images of all ranks). Collective: every
+        rank calls it at the same steps; raises on every rank alike when a term is not finite."""
+        keys = sorted(set().union(*(set(ks) for ks in dist.all_gather_object(sorted(self.sums)))))
+        dev = next(iter(self.sums.values())).device if self.sums else torch.device("cpu")
+        zero = torch.zeros((), device=dev)
+        sums = torch.stack([self.sums.get(k, zero).to(dev) for k in keys]).double().cpu() if keys else \
+            torch.zeros(0, dtype=torch.float64)
+        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys] + [float(self.images)], dtype=torch.float64)
+        total = dist.all_reduce_sum(torch.cat([sums, counts]))
+        n = len(keys)
+        means = {k: float(total[i]) / max(float(total[n + i]), 1.0) for i, k in enumerate(keys)}
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise LabelwiseError(f"{', '.join(bad)} became non-finite between steps {step - self.steps + 1} and "
+                                 f"{step}; lower optim.lr or set train.grad_clip")
+        return {**means, "_images": float(total[-1])}
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "counts": dict(self.counts),
+                "steps": self.steps, "images": self.images}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.reset()
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.counts = dict(state["counts"])
+        self.steps, self.images = int(state["steps"]), int(state["images"])
 
 
 class RunLogger:

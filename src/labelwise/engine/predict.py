@@ -76,7 +76,8 @@ def run_predict(predict_fn: Callable[[dict], list[dict[str, Any]]], dataset, wri
                 desc: str = "predict") -> dict:
     """Run ``predict_fn`` over ``dataset`` and write each ``what`` with ``writers[what]`` (see module doc).
 
-    Returns ``{"images": processed on this rank, "skipped": [...], "writers": {what: finish summary}}``.
+    Returns ``{"images": processed on this rank, "skipped": [...], "writers": {what: finish summary},
+    "predicted": images predicted by all ranks, "present": images whose outputs were already there}``.
     """
     if batch_size < 1:
         raise LabelwiseError(f"batch size must be >= 1, got {batch_size}")
@@ -140,4 +141,6 @@ def run_predict(predict_fn: Callable[[dict], list[dict[str, Any]]], dataset, wri
                 atomic_write_text(path, "".join(f"{f}\t{r}\n" for f, r in all_skipped))
             elif path.exists():
                 path.unlink()
-    return {"images": len(todo) - len(skipped), "skipped": all_skipped, "writers": summaries}
+    counts = dist.all_gather_object((len(todo) - len(skipped), len(mine) - len(todo)))
+    return {"images": len(todo) - len(skipped), "skipped": all_skipped, "writers": summaries,
+            "predicted": sum(c[0] for c in counts), "present": sum(c[1] for c in counts)}

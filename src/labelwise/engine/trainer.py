@@ -11,7 +11,8 @@
 * one step: ``training_step`` under autocast -> ``backward`` -> (unscale) ->
   ``after_backward`` -> gradient clipping -> optimiser step -> lr schedule -> EMA teacher
   update -> ``after_optimizer_step``. Losses stay on the device between log steps (no
-  host sync per step); a non-finite loss stops the run at the next log or checkpoint;
+  host sync per step; :class:`~labelwise.engine.logging.LossWindow`); a non-finite loss
+  stops the run at the next log or checkpoint;
 * the method's state module (``build_state``) and the EMA teacher live beside the model,
   not inside it: neither is wrapped by DDP, the teacher never copies the state, and both
   are checkpointed;
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -43,7 +43,7 @@ from labelwise import dist
 from labelwise.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, load_module_state, restore_rng,
                                         save_checkpoint)
 from labelwise.engine.data import ShardedSampler, batch_len, to_device, worker_init_fn
-from labelwise.engine.logging import RunLogger
+from labelwise.engine.logging import LossWindow, RunLogger
 from labelwise.engine.method import Method, StepContext
 from labelwise.engine.optim import build_optimizer, build_param_groups, build_scheduler
 from labelwise.errors import LabelwiseError
@@ -61,12 +61,12 @@ def seed_everything(seed: int) -> None:
 
 def train_device(name: str) -> torch.device:
     """``train.device`` -> a device; under torchrun ``cuda``/``auto`` mean ``cuda:LOCAL_RANK``."""
-    dev = resolve_device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LabelwiseError(f"config key 'train.device' is {name!r} but CUDA is not available; use cpu or auto")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+    try:
+        dev = resolve_device(name)
+    except LabelwiseError as e:
+        raise LabelwiseError(f"config key 'train.device': {e}") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -143,6 +143,7 @@ class Trainer:
                                  worker_init_fn=worker_init_fn, generator=gen,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False)
         self.logger = RunLogger(self.run_dir, enabled=dist.is_main())
+        self.window = LossWindow()
         self._resume()
         if self.step == 0:
             seed_everything(tcfg.seed + self.rank)  # training-time randomness differs per rank
@@ -177,6 +178,9 @@ class Trainer:
         self.step = int(state["step"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         rngs = state.get("rng") or []
+        windows = state.get("log_window") or []
+        if len(windows) == self.world:  # the loss terms since the last log step (per rank)
+            self.window.load_state_dict(windows[self.rank], self.device)
         if len(rngs) == self.world:
             restore_rng(rngs[self.rank])
         else:  # different world size: data order is still exact, model-side randomness is reseeded
@@ -188,6 +192,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints / eval
     def state_dict(self) -> dict:
         rngs = dist.all_gather_object(capture_rng())
+        windows = dist.all_gather_object(self.window.state_dict())
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.world, "method": self.method.name, "max_steps": self.max_steps,
@@ -196,7 +201,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "ema": self.teacher.state_dict() if self.teacher is not None else None,
-            "rng": rngs,
+            "rng": rngs, "log_window": windows,
         }
 
     def save(self) -> None:
@@ -250,19 +255,15 @@ class Trainer:
         self.module.train()
         bar = progress(range(self.step, max_steps), desc=f"train {self.method.name}", total=max_steps - self.step) \
             if self.show_progress else None
-        self._window: dict[str, torch.Tensor] = {}
-        self._win_steps, self._win_images, self._win_t0 = 0, 0, time.perf_counter()
         try:
             while self.step < max_steps:
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.sampler.set_position(self.epoch, self.batch_in_epoch)
                 for batch in self.loader:
-                    self.train_step(batch)
+                    self.window.add(self.train_step(batch), batch_len(batch))
                     self.step += 1
                     self.batch_in_epoch += 1
-                    self._win_steps += 1
-                    self._win_images += batch_len(batch)
                     if bar is not None:
                         bar.update(1)
                     if self.step % tcfg.log_every == 0 or self.step == max_steps:
@@ -272,8 +273,8 @@ class Trainer:
                     if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step != max_steps:
                         last_metrics = self.evaluate()
                     if self.step % tcfg.ckpt_every == 0 or self.step == max_steps:
-                        if self._win_steps:  # never checkpoint a diverged model
-                            self._reduced_window()
+                        if self.window.steps:  # never checkpoint a diverged model
+                            self.window.reduce(self.step)
                         self.save()  # after eval, so the saved RNG state is the one training continues with
                     for hook in self.hooks:
                         hook(self, self.step)
@@ -287,7 +288,7 @@ class Trainer:
             self.logger.close()
         return last_metrics
 
-    def train_step(self, batch) -> None:
+    def train_step(self, batch) -> dict:
         tcfg, method = self.cfg.train, self.method
         batch = to_device(batch, self.device)
         ctx = self.context()
@@ -309,29 +310,10 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.update(method.ema_module(self.module), self.step)
         method.after_optimizer_step(self.model, ctx)
-        for k, v in out.items():  # summed on the device; read back at the next log step
-            v = v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-            self._window[k] = self._window[k] + v if k in self._window else v
-
-    def _reduced_window(self) -> dict[str, float]:
-        """Mean of each logged term over the window's steps and over ranks (+ ``"_images"``).
-
-        Collective (every rank calls it at the same steps); raises on every rank alike when a
-        term is not finite."""
-        keys = sorted(self._window)
-        local = [self._window[k].to(self.device) for k in keys]
-        vals = torch.stack(local).double().cpu() / max(self._win_steps, 1) if local else torch.zeros(0, dtype=torch.float64)
-        vals = dist.all_reduce_sum(torch.cat([vals, torch.tensor([float(self._win_images)], dtype=torch.float64)]))
-        means = {k: float(vals[i]) / self.world for i, k in enumerate(keys)}
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
-            first = self.step - self._win_steps + 1
-            raise LabelwiseError(f"{', '.join(bad)} became non-finite between steps {first} and {self.step}; "
-                                 "lower optim.lr or set train.grad_clip")
-        return {**means, "_images": float(vals[-1])}
+        return out
 
     def _log(self) -> dict:
-        means = self._reduced_window()
+        means = self.window.reduce(self.step)
         rec: dict = {"step": self.step}
         rec.update({k: v for k, v in means.items() if k != "_images"})
         groups = self.optimizer.param_groups
@@ -340,7 +322,7 @@ class Trainer:
         if "backbone" in lrs:
             rec["lr_backbone"] = lrs["backbone"]
         rec["epoch"] = self.epoch
-        rec["images_per_s"] = means["_images"] / max(time.perf_counter() - self._win_t0, 1e-9)
+        rec["images_per_s"] = means["_images"] / max(time.perf_counter() - self.window.t0, 1e-9)
         self.logger.log(rec)
-        self._window, self._win_steps, self._win_images, self._win_t0 = {}, 0, 0, time.perf_counter()
+        self.window.reset()
         return rec

@@ -129,17 +129,18 @@ class CocoRLEWriter(Writer):
         """Create the parts folder and check its settings (rank 0), then read what is done."""
         from labelwise.errors import LabelwiseError
 
+        clash = False
         if dist.is_main():
             self.parts.mkdir(parents=True, exist_ok=True)
             mpath = self.parts / "meta.json"
             meta = json.loads(json.dumps(self.meta)) if self.meta is not None else None
             if mpath.exists():
-                if json.loads(mpath.read_text()) != meta:
-                    raise LabelwiseError(f"{self.parts}: unfinished results of a run with other settings; delete that "
-                                         "folder or rerun with the same settings")
+                clash = json.loads(mpath.read_text()) != meta
             else:
                 atomic_write_json(mpath, meta)
-        dist.barrier()
+        if dist.all_gather_object(clash)[0]:  # every rank stops, not only rank 0
+            raise LabelwiseError(f"{self.parts}: unfinished results of a run with other settings; delete that "
+                                 "folder or rerun with the same settings")
         self._done = read_shards(self.parts)
 
     def done(self, key: str) -> bool:

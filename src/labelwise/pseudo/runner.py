@@ -87,6 +87,7 @@ def run_pseudo_masks(method: str, spec: str, split: str | None, out: str | Path,
                      device: Any = "cpu", keep_parts: bool = False, extractor: FeatureExtractor | None = None,
                      show_progress: bool = True) -> dict:
     from labelwise.data import build_dataset
+    from labelwise.engine.api import normalise_spec
     from labelwise.engine.predict import run_predict
     from labelwise.engine.writers import CocoRLEWriter
     from labelwise.utils import resolve_device
@@ -102,8 +103,10 @@ def run_pseudo_masks(method: str, spec: str, split: str | None, out: str | Path,
         extractor = FeatureExtractor(fc.backbone, fc.weights, fc.resolution, device, fc.grid,
                                      random_init=fc.random_init)
     levels = tuple(cfg.levels)
-    meta = {"method": method, "data": spec, "split": split, "features": to_dict(fc), "levels": list(levels),
-            "params": run.config}
+    # what decides the masks (not batch size or workers: a run resumed at a smaller batch is the same run)
+    features = {k: v for k, v in to_dict(fc).items() if k not in ("batch_size", "num_workers")}
+    meta = {"method": method, "data": normalise_spec(spec), "split": split, "features": features,
+            "levels": list(levels), "params": run.config}
     merge = _cluster_merge(cfg.cluster.k, cfg.cluster.seed) if cfg.cluster.k else _drop_embeddings
     writer = CocoRLEWriter(out, meta=meta, merge=merge, keep_parts=keep_parts)
     post = getattr(run.impl, "postprocess", None)

@@ -166,8 +166,9 @@ def load_recipe(path: str | Path) -> Recipe:
         for ref in refs_in(fields):
             if ref not in ("vars", "data") and ref not in seen:
                 later = ref in {str(s.get("name")) for s in stages_doc if isinstance(s, dict)}
-                raise LabelwiseError(f"{where} ('{name}'): refers to ${{{ref}...}}, "
-                                     + ("a later stage; move it below" if later else "which is not a stage above it"))
+                why = ("itself; a stage can only use the outputs of stages above it" if ref == name else
+                       "a later stage; move it below" if later else "which is not a stage above it")
+                raise LabelwiseError(f"{where} ('{name}'): refers to ${{{ref}...}}, {why}")
         seen.add(name)
         stages.append(Stage(name=name, kind=kinds[0], fields=dict(fields)))
     return Recipe(path=path, description=str(doc.get("description") or ""), vars=dict(vars_),

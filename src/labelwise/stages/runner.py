@@ -99,12 +99,21 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path, *, overrides: Itera
     outputs: dict[str, dict] = {}
     tokens: dict[str, str] = {}
 
+    resolving: list[str] = []  # variables being resolved (a cycle is an error, not a recursion)
+
     def lookup(name: str, key: str | None, where: str):
         if name == "vars":
             if key is None or key not in recipe.vars:
                 raise LabelwiseError(f"{where}: ${{vars.{key}}} is not a variable of the recipe "
                                      f"({', '.join(recipe.vars) or 'none'})")
-            return substitute(recipe.vars[key], lookup, f"vars.{key}")
+            if key in resolving:
+                cycle = " -> ".join(resolving[resolving.index(key):] + [key])
+                raise LabelwiseError(f"recipe variables refer to each other in a cycle: {cycle}; give one a value")
+            resolving.append(key)
+            try:
+                return substitute(recipe.vars[key], lookup, f"vars.{key}")
+            finally:
+                resolving.pop()
         if name == "data":
             return resolved_data()
         if name not in outputs:
@@ -141,8 +150,17 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path, *, overrides: Itera
         rec = _read_record(out, stage.name)
         stage_dir = out / stage.name
         head = f"[{i}/{len(todo)}] {stage.name} ({stage.kind})"
+        if rec is not None and stage.kind == "train" and not (stage_dir / "checkpoints" / "last.pt").is_file():
+            rec = None  # nothing trained yet (or the run folder was deleted): a fresh start, whatever it was
+        if rec is not None and rec.get("complete") and not _outputs_present(rec.get("outputs") or {}, out):
+            say(f"{head}: its outputs are missing -> redoing it")
+            rec = None
         if rec is not None and rec.get("params") == params and rec.get("deps") == dep_tokens and rec.get("complete"):
-            outputs[stage.name], tokens[stage.name] = rec["outputs"], rec["token"]
+            token = _token(stage.kind, stage_dir) if stage.kind == "train" else rec["token"]
+            if token != rec["token"]:  # the run was trained further outside the recipe: later stages redo
+                token = _shared(token)
+                _write_record(out, stage.name, {**rec, "token": token})
+            outputs[stage.name], tokens[stage.name] = rec["outputs"], token
             say(f"{head}: done, skipped")
             results.append(StageResult(name=stage.name, kind=stage.kind, outputs=rec["outputs"], status="skipped",
                                        seconds=0.0))
@@ -160,7 +178,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path, *, overrides: Itera
             stage_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         stage_out = run(parsed, stage_dir, ctx)
-        token = _token(stage.kind, stage_dir)
+        token = _shared(_token(stage.kind, stage_dir))
         _write_record(out, stage.name, {"kind": stage.kind, "params": params, "deps": dep_tokens, "complete": True,
                                         "outputs": stage_out, "token": token})
         outputs[stage.name], tokens[stage.name] = stage_out, token
@@ -206,10 +224,24 @@ def _refuse_if_training_depends(recipe: Recipe, name: str, out: Path, what: str)
     stage was trained on its outputs -- redoing it would leave that run without its inputs."""
     for dep in _dependents(recipe, name):
         rec = _read_record(out, dep)
-        if recipe.stage(dep).kind == "train" and rec is not None and rec.get("complete"):
+        trained = (out / dep / "checkpoints" / "last.pt").is_file()
+        if recipe.stage(dep).kind == "train" and rec is not None and rec.get("complete") and trained:
             raise LabelwiseError(f"stage '{name}' changed ({what}) since {out / dep} was trained on its outputs; "
                                  f"delete {out / dep} to retrain on the new ones, or use a new --out (nothing was "
                                  "changed)")
+
+
+def _outputs_present(outputs: dict, out: Path) -> bool:
+    """Whether every output path a stage recorded below ``out`` still exists."""
+    for v in outputs.values():
+        if isinstance(v, str) and Path(v).is_absolute() and Path(v).is_relative_to(out) and not Path(v).exists():
+            return False
+    return True
+
+
+def _shared(token: str) -> str:
+    """Rank 0's token on every rank (a random token differs per rank)."""
+    return dist.all_gather_object(token)[0]
 
 
 def _token(kind: str, stage_dir: Path) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from labelwise.config import param
 from labelwise.engine.config import BaseConfig, InferConfig
+from labelwise.errors import LabelwiseError
 
 
 @dataclass
@@ -19,6 +20,11 @@ class CAMModelConfig:
     pooling: str = param("gap", choices=("gap", "gmp", "gwrp"), help="image logits from the maps")
     freeze_backbone: bool = param(False, help="train only the CAM head (backbone frozen, BN in eval mode)")
     size_divisor: int = param(32, range=(1, None), help="inference inputs are resized to a multiple of this")
+
+    def validate(self) -> None:
+        if not self.feature_strides:
+            raise LabelwiseError("config key 'model.feature_strides' is empty; give the CNN strides the CAM uses, "
+                                 "e.g. [16, 32]")
 
 
 @dataclass
@@ -38,6 +44,10 @@ class CAMInferConfig(InferConfig):
     crf: bool = param(False, help="refine pseudo-masks with a dense CRF (label unary, needs pydensecrf2)")
     crf_gt_prob: float = param(0.7, range=(0.01, 0.99), help="CRF unary confidence of the CAM label")
     max_size: int = param(0, range=(0, None), help="resize images so the long side is <= this for CAM (0 = off)")
+
+    def validate(self) -> None:
+        if not self.scales:
+            raise LabelwiseError("config key 'infer.scales' is empty; give at least one scale, e.g. [1.0]")
 
 
 @dataclass
