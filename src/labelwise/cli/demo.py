@@ -56,6 +56,11 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help=f"example images shown in the report (default {DEFAULTS['examples']})")
     p.add_argument("--splits", default="train,val", metavar="LIST",
                    help="splits to write seeds/pseudo-masks for and evaluate (default train,val)")
+    p.add_argument("--with-seco", action="store_true",
+                   help="also train SeCo (its cpu preset) on the testbed and show it beside the CAM baseline in the "
+                        "comparison table (about 7 more minutes on a 2-core CPU; needs the val split)")
+    p.add_argument("--seco-steps", type=int, default=None, metavar="N",
+                   help="with --with-seco: SeCo's optimisation steps (default: its cpu preset's)")
     p.add_argument("--no-real-photos", action="store_true",
                    help="skip the EfficientNet-Lite0 CAMs of skimage.data photos")
     add_common(p)
@@ -102,6 +107,10 @@ def demo_recipe(args, splits: list[str], crf: bool):
             f"crf={'true' if crf else 'false'}"]
     if args.steps is not None:
         sets.append(f"steps={args.steps}")
+    if getattr(args, "seco_steps", None) is not None:
+        if args.seco_steps < 1:
+            raise LabelwiseError(f"--seco-steps {args.seco_steps}: must be a positive number of steps")
+        sets.append(f"seco_steps={args.seco_steps}")
     recipe = recipe.apply(sets)
     names = {s.name for s in recipe.stages}
     for split in SPLITS:
@@ -109,6 +118,9 @@ def demo_recipe(args, splits: list[str], crf: bool):
         if missing:  # the recipe and this command disagree: a packaging bug, not a user error
             raise RuntimeError(f"recipe {recipe.path}: has no stage {missing[0]!r} that labelwise demo reads")
     drop = {n for split in SPLITS if split not in splits for n in split_stages(split)}
+    seco = [s.name for s in recipe.stages if s.name.startswith("seco")]
+    if not getattr(args, "with_seco", False) or "val" not in splits:
+        drop |= set(seco)  # SeCo beside the baseline only on request (it trains ~7 more minutes on a CPU)
     recipe.stages = [s for s in recipe.stages if s.name not in drop]
     return recipe
 

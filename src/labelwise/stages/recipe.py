@@ -64,6 +64,7 @@ class Recipe:
     vars: dict[str, Any] = field(default_factory=dict)
     data: Any = None
     stages: list[Stage] = field(default_factory=list)
+    table_classes: list[str] = field(default_factory=list)  # per-class columns of the comparison table
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -136,9 +137,13 @@ def load_recipe(path: str | Path) -> Recipe:
 
     path = find_recipe(path)
     doc = load_yaml(path, what="recipe", flag="labelwise run")
-    unknown = sorted(set(doc) - {"description", "vars", "data", "stages"})
+    unknown = sorted(set(doc) - {"description", "vars", "data", "stages", "table"})
     if unknown:
-        raise LabelwiseError(f"{path}: unknown top-level key '{unknown[0]}'; allowed: description, vars, data, stages")
+        raise LabelwiseError(f"{path}: unknown top-level key '{unknown[0]}'; allowed: description, vars, data, stages, "
+                             "table")
+    table = doc.get("table") or {}
+    if not isinstance(table, dict) or set(table) - {"classes"} or not isinstance(table.get("classes", []), list):
+        raise LabelwiseError(f"{path}: 'table' takes {{classes: [class names]}} (per-class IoU and FP/TP columns)")
     stages_doc = doc.get("stages")
     if not isinstance(stages_doc, list) or not stages_doc:
         raise LabelwiseError(f"{path}: 'stages' must be a non-empty list of stages")
@@ -172,7 +177,7 @@ def load_recipe(path: str | Path) -> Recipe:
         seen.add(name)
         stages.append(Stage(name=name, kind=kinds[0], fields=dict(fields)))
     return Recipe(path=path, description=str(doc.get("description") or ""), vars=dict(vars_),
-                  data=doc.get("data"), stages=stages)
+                  data=doc.get("data"), stages=stages, table_classes=[str(c) for c in table.get("classes", [])])
 
 
 def shipped_recipes() -> list[str]:

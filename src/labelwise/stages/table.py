@@ -3,7 +3,10 @@
 Columns are the headline metrics of each task (``semantic``: mIoU, confusion ratio FP/TP,
 pixel accuracy, precision, recall; ``parts``: part / object mIoU, part mAvg, consistency;
 ``instance``: AP, AP50, AP75, AR100; ``panoptic``: PQ, SQ, RQ; ``unsupervised``: mIoU,
-pixel accuracy). ``table.json`` holds every scalar metric of each row.
+pixel accuracy). ``table.json`` holds every scalar metric of each row and the per-class ones
+(``per_class_iou``, ``per_class_confusion_ratio``). A recipe's ``table: {classes: [...]}`` adds a
+second table with the IoU and the confusion ratio (FP/TP) of those classes in every row that has
+them (e.g. co-occurring pairs vs control groups, SeCo Table 3).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ HEADLINE = {
 }
 
 
+PER_CLASS = ("per_class_iou", "per_class_confusion_ratio")
+
+
 def comparison_table(recipe, outputs: dict[str, dict]) -> list[dict]:
     """Rows ``{"stage", "label", "task", "split", <scalar metrics>}`` of the evaluate stages that ran."""
     rows = []
@@ -34,6 +40,7 @@ def comparison_table(recipe, outputs: dict[str, dict]) -> list[dict]:
         row = {"stage": s.name, "label": str(label), "task": res.get("task"), "split": res.get("split")}
         row.update({k: v for k, v in res.items() if k not in row and k != "pred"
                     and (isinstance(v, (int, float)) or v is None) and not isinstance(v, bool)})
+        row.update({k: res[k] for k in PER_CLASS if isinstance(res.get(k), dict)})
         rows.append(row)
     return rows
 
@@ -67,8 +74,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_table(rows: list[dict], out: Path) -> str:
+def format_class_table(rows: list[dict], classes: list[str]) -> str:
+    """IoU and confusion ratio (FP/TP) of ``classes`` per row (rows without per-class metrics are left out)."""
+    rows = [r for r in rows if isinstance(r.get("per_class_iou"), dict)]
+    head = ["stage", "split"] + [f"{c} IoU (FP/TP)" for c in classes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        iou, cr = r.get("per_class_iou") or {}, r.get("per_class_confusion_ratio") or {}
+        cells = [f"{_fmt(iou.get(c))} ({_fmt(cr.get(c))})" for c in classes]
+        lines.append("| " + " | ".join([r["label"], str(r.get("split") or "-"), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], out: Path, classes: list[str] | None = None) -> str:
     text = format_table(rows)
+    if classes:
+        text += "\n\n" + format_class_table(rows, classes)
     atomic_write_text(Path(out) / "table.md", text + "\n")
     atomic_write_json(Path(out) / "table.json", rows)
     return text

@@ -8,7 +8,8 @@ from labelwise.modeling.decoders.deeplab import (
     ASPP,
     ASPPConv,
     ASPPPooling,
+    DeepLabV2Classifier,
     DeepLabV3PlusDecoder,
 )
 
-__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV3PlusDecoder"]
+__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV2Classifier", "DeepLabV3PlusDecoder"]

@@ -1,7 +1,12 @@
-"""DeepLab decoders: ASPP (DeepLabV3) and the DeepLabV3+ encoder-decoder head.
+"""DeepLab decoders: the DeepLab-v2 ASPP classifier, ASPP (DeepLabV3) and the DeepLabV3+
+encoder-decoder head.
 
 References
 ----------
+* DeepLab-v2: Chen, Papandreou, Kokkinos, Murphy, Yuille, "DeepLab: Semantic Image
+  Segmentation with Deep Convolutional Nets, Atrous Convolution, and Fully Connected CRFs",
+  TPAMI 2017 (ASPP-L: four parallel 3x3 atrous classifiers, rates 6/12/18/24, fused by
+  summation; Sec. 3.1, Fig. 4). SeCo's "four 3x3 convolution layers" segmentation head.
 * DeepLabV3: Chen, Papandreou, Schroff, Adam, "Rethinking Atrous Convolution for Semantic
   Image Segmentation", arXiv:1706.05587, 2017 (ASPP: Sec. 3.3).
 * DeepLabV3+: Chen, Zhu, Papandreou, Schroff, Adam, "Encoder-Decoder with Atrous Separable
@@ -26,7 +31,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV3PlusDecoder", "conv_bn_relu"]
+__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV2Classifier", "DeepLabV3PlusDecoder", "conv_bn_relu"]
+
+
+class DeepLabV2Classifier(nn.Module):
+    """DeepLab-v2 ASPP classifier: ``sum_r conv3x3_{dilation=r}(x)``, each branch straight to
+    ``num_classes`` (with bias), no BN / ReLU / hidden channels; weights N(0, 0.01), biases 0
+    (DeepLab-v2 Sec. 3.1). ``forward(x (B, C, h, w)) -> logits (B, num_classes, h, w)``."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=int(r), dilation=int(r))
+                                   for r in rates)
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([conv(x) for conv in self.convs]).sum(0)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DINOHead", "WeightNormLinear", "cancel_last_layer_gradients"]
+__all__ = ["DINOHead", "ProjectionMLP", "WeightNormLinear", "build_mlp", "cancel_last_layer_gradients"]
 
 
 class WeightNormLinear(nn.Module):
@@ -97,22 +97,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
     ) -> None:
         super().__init__()
-        nlayers = max(int(nlayers), 1)
-        self.mlp: nn.Module
-        if nlayers == 1:
-            # Official layout: a bare Linear (keys ``mlp.weight``/``mlp.bias``), no Sequential.
-            self.mlp = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            layers: list[nn.Module] = []
-            dims = [in_dim] + [hidden_dim] * (nlayers - 1)
-            for d_in, d_out in itertools.pairwise(dims):
-                layers.append(nn.Linear(d_in, d_out))
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(d_out))
-                layers.append(nn.GELU())
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
-        self.mlp.apply(self._init_weights)
+        self.mlp = build_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, use_bn)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         with torch.no_grad():
             self.last_layer.weight_g.fill_(1.0)
@@ -120,18 +105,52 @@ class DINOHead(nn.Module):
             # Prototypes stay on the unit sphere: only their directions (weight_v) are learnt.
             self.last_layer.weight_g.requires_grad_(False)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            # Bounds (-2, 2) are absolute, as in DINO's utils.trunc_normal_: ~100 std here.
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_dim) -> (..., out_dim)`` logits (cosine similarities times weight_g)."""
         x = F.normalize(self.mlp(x), dim=-1, p=2)
         return self.last_layer(x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        # Bounds (-2, 2) are absolute, as in DINO's utils.trunc_normal_: ~100 std here.
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int = 3, use_bn: bool = False) -> nn.Module:
+    """DINO's projection MLP: ``nlayers`` Linears with GELU (and optional BatchNorm1d) between
+    them, trunc-normal(std=.02) weights, zero biases. ``nlayers=1`` is a bare Linear (official
+    layout: keys ``weight``/``bias``), otherwise an ``nn.Sequential`` (keys ``0.weight``, ...)."""
+    nlayers = max(int(nlayers), 1)
+    if nlayers == 1:
+        mlp: nn.Module = nn.Linear(in_dim, out_dim)
+    else:
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1)
+        for d_in, d_out in itertools.pairwise(dims):
+            layers.append(nn.Linear(d_in, d_out))
+            if use_bn:
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(hidden_dim, out_dim))
+        mlp = nn.Sequential(*layers)
+    mlp.apply(_init_weights)
+    return mlp
+
+
+class ProjectionMLP(nn.Module):
+    """DINO's MLP followed by L2 normalisation, without the weight-normalised last layer: the
+    projection head of SeCo (``O_q`` / ``O_k`` of SeCo Eq. 2; 768 -> 2048 -> 2048 -> 768 as
+    released). ``forward(x (..., in_dim)) -> (..., out_dim)`` unit vectors."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, nlayers: int = 3, use_bn: bool = False):
+        super().__init__()
+        self.mlp = build_mlp(in_dim, hidden_dim, out_dim, nlayers, use_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
 
 
 def cancel_last_layer_gradients(head: nn.Module, epoch: int, freeze_last_layer_epochs: int) -> None:
