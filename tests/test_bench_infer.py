@@ -24,3 +24,13 @@ def test_bench_infer_tiny_run_writes_contract_json(tmp_path, capsys):
     r = res["infer_one_pass"]
     assert r["speedup_vs_two_passes"] == res["infer_two_passes"]["ms_per_image"] / r["ms_per_image"]
     assert "infer_one_pass" in capsys.readouterr().out
+
+
+def test_bench_seco_tiny_run_writes_contract_json(tmp_path, capsys):
+    assert main(["bench", "seco", "--images", "8", "--size", "48", "--steps", "1", "--warmup", "1", "--threads", "1",
+                 "--device", "cpu", "--json", str(tmp_path / "s.json"), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert set(res) == {"seco", "seco_baseline", "cam"}
+    for v in res.values():
+        assert v["ms_per_step"] > 0 and v["peak_rss_mb"] > 0 and v["steps"] == 1
+    assert res["seco"]["ratio_vs_cam"] == res["seco"]["ms_per_step"] / res["cam"]["ms_per_step"]

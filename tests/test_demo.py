@@ -163,13 +163,20 @@ def test_demo_recipe_follows_the_flags():
     r = demo_recipe(args, _splits(args), crf=True)
     assert [s.name for s in r.stages] == ["testbed", "cam", "pred_val", "seeds_val", "masks_val"]
     assert r.vars["batch_size"] == 8 and r.vars["steps"] is None and r.vars["crf"] is True
+    # --with-seco keeps SeCo's stages (they score the val split), with its own step count
+    args = parse(["demo", "--with-seco", "--seco-steps", "5"])
+    r = demo_recipe(args, _splits(args), crf=True)
+    assert [s.name for s in r.stages][-4:] == ["seco", "seco_pred_val", "seco_seeds_val", "seco_seg_val"]
+    assert r.vars["seco_steps"] == 5 and r.stage("seco").fields["method"] == "seco"
+    args = parse(["demo", "--with-seco", "--splits", "train"])
+    assert not any(s.name.startswith("seco") for s in demo_recipe(args, _splits(args), crf=True).stages)
 
 
 def test_demo_rejects_bad_flags(tmp_path, capsys):
     d = str(tmp_path / "d")
     for argv, word in ((["--steps", "0"], "--steps"), (["--splits", "test"], "--splits"),
                        (["--size", "16"], "--size"), (["--train", "0"], "--train"),
-                       (["--splits", "val", "--val", "0"], "--val")):
+                       (["--splits", "val", "--val", "0"], "--val"), (["--seco-steps", "0"], "--seco-steps")):
         assert main(["demo", "--out", d, *argv]) == 2
         err = capsys.readouterr().err
         assert word in err and len(err.strip().splitlines()) == 1, err

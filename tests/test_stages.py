@@ -130,6 +130,21 @@ def test_overrides_redo_what_changed_and_refuse_retraining(tmp_path):
     assert load_checkpoint(ck)["step"] == 8
 
 
+def test_per_class_columns_of_the_comparison_table(tmp_path):
+    recipe = _recipe(tmp_path / "r.yaml", table={"classes": ["disc", "ring"]})
+    run_recipe(recipe, tmp_path / "t", show_progress=False, log=lambda m: None)
+    rows = json.loads((tmp_path / "t/table.json").read_text())
+    md = (tmp_path / "t/table.md").read_text()
+    assert "| stage | split | disc IoU (FP/TP) | ring IoU (FP/TP) |" in md
+    masks = next(r for r in rows if r["stage"] == "masks")
+    iou, cr = masks["per_class_iou"]["disc"], masks["per_class_confusion_ratio"]["disc"]
+    assert f"| masks | val | {iou:.3f} (" in md and (cr is None or f"({cr:.3f})" in md or "(inf)" in md)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"table": {"klasses": ["disc"]}, "stages": [{"name": "a", "synth": {}}]}))
+    with pytest.raises(LabelwiseError, match="'table' takes"):
+        load_recipe(bad)
+
+
 def test_data_override_skips_the_unused_testbed(tmp_path):
     from labelwise.data.synth import generate
 

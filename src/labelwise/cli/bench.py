@@ -17,6 +17,7 @@ BENCHMARKS = {
     "train": "training step speed",
     "infer": "inference speed",
     "crf": "dense CRF speed",
+    "seco": "SeCo training step time and memory vs its baseline row and the cam baseline",
 }
 
 

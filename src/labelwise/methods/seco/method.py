@@ -170,8 +170,6 @@ class SeCoMethod(Method):
         self._keys = None
         if contrast:
             q = out["q"]
-            with torch.no_grad():  # SeCo Eq. 2: key views (strong augmentation) through the local teacher
-                k = torch.cat([ctx.teacher(D.strong_augment(v, blur_ref_size=r)) for v, r in zip(views, blur_ref)])
             state: SeCoState = ctx.state
             bank, bank_tags = state.queue.get()
             t = view_tags
@@ -179,6 +177,8 @@ class SeCoMethod(Method):
                 t = L.rectify_tags(q.detach(), view_tags, bank, bank_tags, sc.sigma)
                 logs["rectified"] = ((t == -1) & (view_tags >= 0)).float().sum() / (view_tags >= 0).sum().clamp(min=1)
             if sc.lil:  # Eq. 8 against R(x, t) = current queries, current keys, queue (Eq. 5)
+                with torch.no_grad():  # SeCo Eq. 2: key views (strong augmentation) through the local teacher
+                    k = torch.cat([ctx.teacher(D.strong_augment(v, blur_ref_size=r)) for v, r in zip(views, blur_ref)])
                 cand = torch.cat([q.detach(), k, bank])
                 cand_tags = torch.cat([t, t, bank_tags])
                 lil = L.lil_loss(q, t, cand, cand_tags, torch.arange(len(q), device=q.device), lc.tau_lil,
