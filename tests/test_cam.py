@@ -12,6 +12,7 @@ import torch
 
 from labelwise.engine import api
 from labelwise.evaluation import SemanticMetric
+from procs import explain
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +230,7 @@ def test_cam_predict_is_batched_resumable_and_sharded(tmp_path, monkeypatch):
     r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "labelwise", *infer, "--out",
                         str(tmp_path / "ddp"), "--set", "infer.batch_size=1", "infer.num_workers=0"],
                        env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, explain(r)
     for n in names:
         if n.endswith(".png"):
             assert (tmp_path / "b1" / n).read_bytes() == (tmp_path / "ddp" / n).read_bytes(), n

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from labelwise.cli import main
+from procs import explain
 
 
 def test_unknown_set_key_exits_2_naming_closest(tmp_path, capsys):
@@ -38,7 +39,7 @@ def test_torchrun_two_ranks_cpu(tmp_path):
            "model.backbone=vit_tiny_test", "model.pretrained=false", "data.crop_size=32", "train.batch_size=2",
            "train.log_every=1"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, explain(r)
     assert json.loads((tmp_path / "run/run.json").read_text())["world_size"] == 2
     log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2]

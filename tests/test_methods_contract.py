@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from labelwise.engine.registry import get_method, list_methods
+from procs import explain
 
 TESTS = Path(__file__).resolve().parent
 METHODS = [m for m in list_methods() if not m.startswith("_")]  # "_name": test-only plugins
@@ -46,7 +47,7 @@ def test_torchrun_two_ranks_train_the_cpu_preset_then_a_moved_run_infers(name, t
            "--out", str(run), "--preset", "cpu", "--steps", "2", "--set", "train.batch_size=2", "train.log_every=1",
            "--no-progress"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, explain(r)
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
 
@@ -93,7 +94,7 @@ def test_cam_run_infers_after_its_weights_file_is_gone(testbeds, tmp_path):
             "--steps", "1", "--set", f"model.weights={rel}", "train.batch_size=2", "train.eval_at_end=false",
             "--no-progress"]
     r = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, explain(r)
     assert f"weights: {weights}" in (run / "config.yaml").read_text()  # a path-valued key, stored absolute
     shutil.rmtree(weights.parent)
     moved = tmp_path / "moved"
@@ -101,7 +102,7 @@ def test_cam_run_infers_after_its_weights_file_is_gone(testbeds, tmp_path):
     r = subprocess.run([sys.executable, "-m", "labelwise", "infer", str(moved), "--data", testbeds["cooc"],
                         "--split", "val", "--out", str(tmp_path / "pred"), "--what", "masks,seeds", "--no-progress"],
                        env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, explain(r)
     assert len(list((tmp_path / "pred").glob("*.png"))) == len(list((tmp_path / "pred").glob("*.npz"))) == 3
 
 
@@ -113,7 +114,7 @@ def test_plugin_method_trains_under_torchrun(tmp_path):
            "toy:x", "--out", str(tmp_path / "run"), "--steps", "4", "--set", "train.batch_size=2", "loss.stage_step=1",
            "--no-progress"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, explain(r)
     log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2, 3, 4] and "nce" in log[-1]
     bad = subprocess.run([sys.executable, "-m", "labelwise", "train", "_toy", "--data", "toy:x", "--out",

@@ -52,6 +52,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown(ok: bool) -> None:
+    """Leave the process group at the end of a command. After a success every rank first meets
+    the others: a rank that tears its gloo sockets down while a peer still talks to it makes
+    that peer abort (SIGABRT). After an error there is no barrier (the other ranks may never
+    reach it); the launcher stops them."""
+    if not is_dist():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def comm_device() -> torch.device:
     """Where tensors must be for this process group's collectives: the rank's GPU for nccl,
     the CPU otherwise (gloo)."""

@@ -63,11 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ["LABELWISE_NO_PROGRESS"] = "1"  # every progress bar of this process and its workers
+    ok = False
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        ok = rc == 0
+        return rc
     except LabelwiseError as e:
         print(f"labelwise: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("labelwise: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # under torchrun: every command leaves the group cleanly
+            from labelwise import dist
+
+            dist.shutdown(ok)

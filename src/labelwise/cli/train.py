@@ -58,15 +58,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["data.skip_bad=true"] if args.skip_bad else [])
     if args.device != "auto":
         overrides.append(f"train.device={args.device}")
-    try:
-        out = api.train(args.method, args.data, args.out, preset=args.preset, config_files=args.config,
-                        overrides=overrides, steps=args.steps, epochs=args.epochs, labels=args.labels,
-                        seeds=args.seeds, show_progress=not args.no_progress)
-        if dist.is_main():
-            print(f"labelwise: run written to {out}")
-    finally:
-        if dist.is_dist():
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
+    out = api.train(args.method, args.data, args.out, preset=args.preset, config_files=args.config,
+                    overrides=overrides, steps=args.steps, epochs=args.epochs, labels=args.labels,
+                    seeds=args.seeds, show_progress=not args.no_progress)
+    if dist.is_main():
+        print(f"labelwise: run written to {out}")
     return 0
