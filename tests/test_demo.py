@@ -147,6 +147,41 @@ def test_build_demo_report_sections(tmp_path):
     assert not EXTERNAL_URL.search(html)
 
 
+def test_side_by_side_section_shows_each_method_on_the_same_images(tmp_path):
+    """``--with-seco``: the val images through the CAM baseline and SeCo, each figure the overlay
+    of that method's own file (seeds at the threshold, label PNGs as they are)."""
+    from labelwise.report.demo import build_demo_report, seeds_mask
+    from labelwise.report.images import label_overlay, resize_image
+
+    data, pred, *_ = _fake_demo_folder(tmp_path)
+    (data / "ImageSets" / "Segmentation" / "val.txt").write_text("img1\nimg2\n")
+    other = tmp_path / "seco_pred_val"
+    other.mkdir()
+    for i in ("img1", "img2"):
+        write_label(other / f"{i}.png", np.full((24, 24), 2, np.uint8))
+    write_label(other / "img1.png", np.full((24, 24), 1, np.uint8))  # each image its own file
+    ev = {"miou": 0.5, "confusion_ratio": 0.2, "per_class_iou": {}, "per_class_confusion_ratio": {}}
+    summary = {"headline_split": "train", "metrics": {"train": {"seeds": ev, "masks": ev}}, "run_dir": "r"}
+    compare = [("CAM: seeds as mask", pred, "seeds"), ("CAM: pseudo-mask", pred, "label"),
+               ("SeCo: segmentation", other, "label"), ("SeCo: seeds as mask", other, "seeds")]
+    html = build_demo_report(tmp_path / "report.html", summary=summary, data_root=data, pred_dirs={"train": pred},
+                             bg_threshold=0.5, log=[], table=[], n_examples=2, compare=compare).read_text()
+    assert ">Side by side (val)</h2>" in html
+    part = html[html.index(">Side by side (val)</h2>"):]
+    assert "img1: disc, ring" in part and "img2: disc, ring" in part
+    seco = _figure_image(part, "SeCo: segmentation")
+    for i, want_class in ((0, 1), (1, 2)):
+        img = read_image(data / "JPEGImages" / f"img{i + 1}.jpg")
+        want = resize_image(label_overlay(img, np.full((24, 24), want_class, np.uint8)), 512)
+        assert np.array_equal(seco[i][..., :3], want)
+    cam_seeds = _figure_image(part, "CAM: seeds as mask")[0]
+    img1 = read_image(data / "JPEGImages" / "img1.jpg")
+    want = resize_image(label_overlay(img1, seeds_mask(pred / "img1.npz", 0.5)), 512)
+    assert np.array_equal(cam_seeds[..., :3], want)
+    # SeCo has no seeds files here: that column is left out, the rest is shown
+    assert "SeCo: seeds as mask" not in part and len(_figure_image(part, "CAM: pseudo-mask")) == 2
+
+
 def test_demo_recipe_follows_the_flags():
     from labelwise.cli.demo import _splits, demo_recipe
 

@@ -5,6 +5,7 @@ stale stages, the comparison table, and one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_overrides_redo_what_changed_and_refuse_retraining(tmp_path):
 
 
 def test_per_class_columns_of_the_comparison_table(tmp_path):
-    recipe = _recipe(tmp_path / "r.yaml", table={"classes": ["disc", "ring"]})
+    recipe = _recipe(tmp_path / "r.yaml", table={"classes": ["disc", "ring"], "groups": {"pair": ["disc", "ring"]}})
     run_recipe(recipe, tmp_path / "t", show_progress=False, log=lambda m: None)
     rows = json.loads((tmp_path / "t/table.json").read_text())
     md = (tmp_path / "t/table.md").read_text()
@@ -139,8 +140,18 @@ def test_per_class_columns_of_the_comparison_table(tmp_path):
     masks = next(r for r in rows if r["stage"] == "masks")
     iou, cr = masks["per_class_iou"]["disc"], masks["per_class_confusion_ratio"]["disc"]
     assert f"| masks | val | {iou:.3f} (" in md and (cr is None or f"({cr:.3f})" in md or "(inf)" in md)
+    # the group table: mean IoU and mean FP/TP over the group's classes with a finite value
+    assert "| stage | split | pair mean IoU (FP/TP) |" in md
+    ious = [masks["per_class_iou"][c] for c in ("disc", "ring")]
+    crs = [v for v in (masks["per_class_confusion_ratio"][c] for c in ("disc", "ring")) if v is not None
+           and math.isfinite(v)]
+    mean_cr = f"{sum(crs) / len(crs):.3f}" if crs else "-"
+    assert f"| masks | val | {sum(ious) / 2:.3f} ({mean_cr}) |" in md
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"table": {"klasses": ["disc"]}, "stages": [{"name": "a", "synth": {}}]}))
+    with pytest.raises(LabelwiseError, match="'table' takes"):
+        load_recipe(bad)
+    bad.write_text(yaml.safe_dump({"table": {"groups": {"pair": []}}, "stages": [{"name": "a", "synth": {}}]}))
     with pytest.raises(LabelwiseError, match="'table' takes"):
         load_recipe(bad)
 

@@ -254,9 +254,16 @@ def run(args) -> int:
             pred_dirs[headline_split], data_root / "SegmentationClass", len(names))}
     atomic_write_json(out / "metrics.json", jsonable(summary))
 
+    compare = []
+    if "seco_pred_val" in stages:  # --with-seco: SeCo's val outputs beside the CAM baseline's
+        seco_out = stages["seco_pred_val"]
+        compare = [("CAM: seeds as mask", pred_dirs["val"], "seeds"), ("CAM: pseudo-mask", pred_dirs["val"], "label"),
+                   ("SeCo: seeds as mask", Path(seco_out["seeds"]), "seeds"),
+                   ("SeCo: segmentation", Path(seco_out["segmentation"]), "label")]
     report = build_demo_report(out / "report.html", summary=summary, data_root=data_root, pred_dirs=pred_dirs,
                                bg_threshold=bg, log=log, table=res["table"], photos=photos,
-                               photo_note=photo_note, n_examples=args.examples)
+                               photo_note=photo_note, n_examples=args.examples, compare=compare,
+                               compare_split="val")
 
     print("", flush=True)
     print(f"Report: {report}", flush=True)

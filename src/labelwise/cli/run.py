@@ -25,6 +25,7 @@ EPILOG = """recipe format (YAML):
       infer: {run: ${cam.run}, split: train, what: [seeds, masks]}
     - name: seeds
       evaluate: {task: semantic, pred: ${pred.seeds}, split: train, bg_threshold: 0.5}
+  table: {classes: [disc, ring], groups: {pair: [disc, ring]}}   # optional per-class / group columns
 
   outputs: synth root, spec | train run | infer out + one per what | evaluate metrics | pseudo-masks json
   --set NAME=VALUE sets a variable; --set STAGE.FIELD=VALUE a stage field (e.g. cam.preset=voc).

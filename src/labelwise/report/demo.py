@@ -289,9 +289,37 @@ def read_table(out: Path) -> list[dict]:
     return rows if isinstance(rows, list) else []
 
 
+def side_by_side_section(data_root: Path, split: str, ids: Sequence[str], names: list[str],
+                         columns: Sequence[tuple[str, Path, str]], bg_threshold: float, title: str,
+                         intro: str = "") -> Section:
+    """Per image: photo, ground truth, then one overlay per column ``(caption, folder, kind)``:
+    ``kind`` "label" overlays ``folder/<id>.png``, "seeds" the seeds ``folder/<id>.npz`` as a mask
+    at ``bg_threshold``. A column without the image's file is left out of that row."""
+    rows = []
+    for i in ids:
+        img = read_image(Path(data_root) / "JPEGImages" / f"{i}.jpg")
+        figs = [img_html(resize_image(img, 512), f"{i}", THUMB)]
+        gt_path = Path(data_root) / "SegmentationClass" / f"{i}.png"
+        present = []
+        if gt_path.is_file():
+            gt = read_label(gt_path)
+            present = [int(c) for c in np.unique(gt) if 0 < c < 255]
+            figs.append(img_html(resize_image(colorize_label(gt), 512, nearest=True), "ground truth", THUMB))
+        for caption, folder, kind in columns:
+            f = Path(folder) / f"{i}.{'npz' if kind == 'seeds' else 'png'}"
+            if f.is_file():
+                lab = seeds_mask(f, bg_threshold) if kind == "seeds" else read_label(f)
+                figs.append(img_html(resize_image(label_overlay(img, lab), 512), caption, THUMB))
+        tag_names = ", ".join(names[c] if c < len(names) else str(c) for c in present)
+        rows.append(figure_row(figs, f"{i}: {tag_names}" if tag_names else i))
+    legend = " ".join(f"{swatch(VOC_PALETTE[c])}{escape(n)}" for c, n in enumerate(names))
+    return Section(title, intro + f"<p>{legend}</p>" + "".join(rows), anchor=f"side-by-side-{split}")
+
+
 def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: Mapping[str, Path],
                       bg_threshold: float, log: Sequence[dict], table: Sequence[dict] | None = None,
-                      photos: Sequence = (), photo_note: str = "", n_examples: int = 6) -> Path:
+                      photos: Sequence = (), photo_note: str = "", n_examples: int = 6,
+                      compare: Sequence[tuple[str, Path, str]] = (), compare_split: str = "val") -> Path:
     """Write the demo's self-contained ``report.html`` and return its path.
 
     ``summary``: the demo's ``metrics.json`` dict (``headline_split``, ``metrics[split]["seeds"|"masks"]``,
@@ -300,7 +328,9 @@ def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: 
     background threshold (``infer.bg_threshold``), used for the "seeds as mask" images; ``log``: the
     training ``log.jsonl`` records; ``table``: the comparison table rows (None: read
     ``table.json`` next to ``path``); ``photos``: ``[(name, image, [ClassCAM])]`` of the real-photo
-    section, ``photo_note`` a line shown there (e.g. why it was skipped).
+    section, ``photo_note`` a line shown there (e.g. why it was skipped); ``compare``: columns
+    ``(caption, folder, "label" | "seeds")`` of a side-by-side section on ``compare_split`` (the
+    CAM baseline beside another method, e.g. ``labelwise demo --with-seco``).
     """
     names = class_names_of(data_root)
     metrics: dict[str, Any] = summary.get("metrics", {})
@@ -313,6 +343,14 @@ def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: 
     if n_examples > 0 and split in pred_dirs:
         sections.append(examples_section(data_root, pred_dirs[split], split, pick_examples(ids, n_examples), names,
                                          bg_threshold))
+    if n_examples > 0 and compare:
+        c_ids_file = Path(data_root) / "ImageSets" / "Segmentation" / f"{compare_split}.txt"
+        c_ids = [ln.split()[0] for ln in c_ids_file.read_text().splitlines() if ln.strip()] \
+            if c_ids_file.is_file() else []
+        intro = (f"<p>The same <b>{escape(compare_split)}</b> images through each method: seeds as masks at the "
+                 f"background threshold {bg_threshold:g} and the final masks, as overlays.</p>")
+        sections.append(side_by_side_section(data_root, compare_split, pick_examples(c_ids, n_examples), names,
+                                             compare, bg_threshold, f"Side by side ({compare_split})", intro))
     sweeps = summary.get("threshold_sweep")
     if sweeps is None and names and split in pred_dirs and Path(pred_dirs[split]).is_dir():
         sweeps = {split: threshold_sweep(pred_dirs[split], Path(data_root) / "SegmentationClass", len(names))}

@@ -24,6 +24,10 @@ number, ``null``, a list), a reference inside a longer string is formatted into 
 may only refer to stages above it. A ``synth`` stage runs only when something refers to it
 (``--data`` on the command line makes the recipe's testbed unnecessary).
 
+An optional ``table:`` adds to the comparison table the IoU and confusion ratio (FP/TP) of
+named classes (``classes: [disc, ring]``) and the means over class groups
+(``groups: {co-occurring: [disc, ring], control: [diamond, hexagon]}``).
+
 ``--set`` on the command line: ``NAME=VALUE`` (or ``vars.NAME=VALUE``) sets a variable;
 ``STAGE.FIELD=VALUE`` sets a field of a stage (``cam.preset=voc``). Values are YAML.
 """
@@ -65,6 +69,7 @@ class Recipe:
     data: Any = None
     stages: list[Stage] = field(default_factory=list)
     table_classes: list[str] = field(default_factory=list)  # per-class columns of the comparison table
+    table_groups: dict[str, list[str]] = field(default_factory=dict)  # class groups averaged in a third table
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -142,8 +147,12 @@ def load_recipe(path: str | Path) -> Recipe:
         raise LabelwiseError(f"{path}: unknown top-level key '{unknown[0]}'; allowed: description, vars, data, stages, "
                              "table")
     table = doc.get("table") or {}
-    if not isinstance(table, dict) or set(table) - {"classes"} or not isinstance(table.get("classes", []), list):
-        raise LabelwiseError(f"{path}: 'table' takes {{classes: [class names]}} (per-class IoU and FP/TP columns)")
+    groups = table.get("groups", {}) if isinstance(table, dict) else None
+    if (not isinstance(table, dict) or set(table) - {"classes", "groups"}
+            or not isinstance(table.get("classes", []), list) or not isinstance(groups, dict)
+            or not all(isinstance(v, list) and v for v in groups.values())):
+        raise LabelwiseError(f"{path}: 'table' takes {{classes: [class names], groups: {{name: [class names]}}}} "
+                             "(per-class IoU and FP/TP columns; group means)")
     stages_doc = doc.get("stages")
     if not isinstance(stages_doc, list) or not stages_doc:
         raise LabelwiseError(f"{path}: 'stages' must be a non-empty list of stages")
@@ -177,7 +186,8 @@ def load_recipe(path: str | Path) -> Recipe:
         seen.add(name)
         stages.append(Stage(name=name, kind=kinds[0], fields=dict(fields)))
     return Recipe(path=path, description=str(doc.get("description") or ""), vars=dict(vars_),
-                  data=doc.get("data"), stages=stages, table_classes=[str(c) for c in table.get("classes", [])])
+                  data=doc.get("data"), stages=stages, table_classes=[str(c) for c in table.get("classes", [])],
+                  table_groups={str(k): [str(c) for c in v] for k, v in groups.items()})
 
 
 def shipped_recipes() -> list[str]:

@@ -187,7 +187,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path, *, overrides: Itera
         results.append(StageResult(name=stage.name, kind=stage.kind, outputs=stage_out, status="ran", seconds=dt))
     rows = comparison_table(recipe, outputs)
     if rows and dist.is_main():
-        text = write_table(rows, out, recipe.table_classes)
+        text = write_table(rows, out, recipe.table_classes, recipe.table_groups)
         say("")
         say(text)
         say(f"table: {out / 'table.md'}")

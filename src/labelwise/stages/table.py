@@ -6,7 +6,8 @@ pixel accuracy, precision, recall; ``parts``: part / object mIoU, part mAvg, con
 pixel accuracy). ``table.json`` holds every scalar metric of each row and the per-class ones
 (``per_class_iou``, ``per_class_confusion_ratio``). A recipe's ``table: {classes: [...]}`` adds a
 second table with the IoU and the confusion ratio (FP/TP) of those classes in every row that has
-them (e.g. co-occurring pairs vs control groups, SeCo Table 3).
+them, and ``table: {groups: {name: [...]}}`` a third with each group's mean IoU and mean FP/TP
+(e.g. co-occurring pairs vs control groups, SeCo Table 3).
 """
 
 from __future__ import annotations
@@ -86,10 +87,35 @@ def format_class_table(rows: list[dict], classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_table(rows: list[dict], out: Path, classes: list[str] | None = None) -> str:
+def group_means(row: dict, classes: list[str]) -> tuple[float | None, float | None]:
+    """Mean IoU and mean confusion ratio (FP/TP) of ``classes`` in one row, over the classes
+    that have a finite value (a class absent from the split has none)."""
+    out = []
+    for key in PER_CLASS:
+        vals = [(row.get(key) or {}).get(c) for c in classes]
+        vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+        out.append(sum(vals) / len(vals) if vals else None)
+    return out[0], out[1]
+
+
+def format_group_table(rows: list[dict], groups: dict[str, list[str]]) -> str:
+    """Per row, each class group's mean IoU and, in brackets, its mean confusion ratio (FP/TP)."""
+    rows = [r for r in rows if isinstance(r.get("per_class_iou"), dict)]
+    head = ["stage", "split"] + [f"{g} mean IoU (FP/TP)" for g in groups]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [f"{_fmt(iou)} ({_fmt(cr)})" for iou, cr in (group_means(r, cls) for cls in groups.values())]
+        lines.append("| " + " | ".join([r["label"], str(r.get("split") or "-"), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], out: Path, classes: list[str] | None = None,
+                groups: dict[str, list[str]] | None = None) -> str:
     text = format_table(rows)
     if classes:
         text += "\n\n" + format_class_table(rows, classes)
+    if groups:
+        text += "\n\n" + format_group_table(rows, groups)
     atomic_write_text(Path(out) / "table.md", text + "\n")
     atomic_write_json(Path(out) / "table.json", rows)
     return text
