@@ -68,6 +68,35 @@ def seeds_mask(npz_path: Path, bg_threshold: float) -> np.ndarray:
                         bg_threshold=float(bg_threshold)).numpy().astype(np.uint8)
 
 
+def split_ids(data_root: Path, split: str) -> list[str]:
+    """Image ids of ``split`` (``ImageSets/Segmentation/<split>.txt``; none if it is missing)."""
+    f = Path(data_root) / "ImageSets" / "Segmentation" / f"{split}.txt"
+    return [ln.split()[0] for ln in f.read_text().splitlines() if ln.strip()] if f.is_file() else []
+
+
+def _photo_and_truth(data_root: Path, image_id: str) -> tuple[np.ndarray, list[str], list[int]]:
+    """The photo, the figures that start its row (photo, ground truth if there is one) and the
+    classes present in the ground truth."""
+    img = read_image(Path(data_root) / "JPEGImages" / f"{image_id}.jpg")
+    figs = [img_html(resize_image(img, 512), f"{image_id}", THUMB)]
+    gt_path = Path(data_root) / "SegmentationClass" / f"{image_id}.png"
+    present: list[int] = []
+    if gt_path.is_file():
+        gt = read_label(gt_path)
+        present = [int(c) for c in np.unique(gt) if 0 < c < 255]
+        figs.append(img_html(resize_image(colorize_label(gt), 512, nearest=True), "ground truth", THUMB))
+    return img, figs, present
+
+
+def _row_title(image_id: str, present: list[int], names: list[str]) -> str:
+    tag_names = ", ".join(names[c] if c < len(names) else str(c) for c in present)
+    return f"{image_id}: {tag_names}" if tag_names else image_id
+
+
+def _legend(names: list[str]) -> str:
+    return " ".join(f"{swatch(VOC_PALETTE[c])}{escape(n)}" for c, n in enumerate(names))
+
+
 def examples_section(data_root: Path, pred_dir: Path, split: str, ids: Sequence[str],
                      names: list[str], bg_threshold: float) -> Section:
     """Per image: photo, ground truth, CAM heat map, seeds as mask (at ``bg_threshold``) and the
@@ -75,15 +104,7 @@ def examples_section(data_root: Path, pred_dir: Path, split: str, ids: Sequence[
     d = Path(pred_dir)
     rows = []
     for i in ids:
-        img = read_image(Path(data_root) / "JPEGImages" / f"{i}.jpg")
-        gt_path = Path(data_root) / "SegmentationClass" / f"{i}.png"
-        figs = [img_html(resize_image(img, 512), f"{i}", THUMB)]
-        if gt_path.is_file():
-            gt = read_label(gt_path)
-            present = [int(c) for c in np.unique(gt) if 0 < c < 255]
-            figs.append(img_html(resize_image(colorize_label(gt), 512, nearest=True), "ground truth", THUMB))
-        else:
-            present = []
+        img, figs, present = _photo_and_truth(data_root, i)
         npz = d / f"{i}.npz"
         if npz.is_file():
             hm, _ = cam_image(npz, img)
@@ -93,9 +114,8 @@ def examples_section(data_root: Path, pred_dir: Path, split: str, ids: Sequence[
         if (d / f"{i}.png").is_file():
             figs.append(img_html(resize_image(label_overlay(img, read_label(d / f"{i}.png")), 512),
                                  "pseudo-mask", THUMB))
-        tag_names = ", ".join(names[c] if c < len(names) else str(c) for c in present)
-        rows.append(figure_row(figs, f"{i}: {tag_names}" if tag_names else i))
-    legend = " ".join(f"{swatch(VOC_PALETTE[c])}{escape(n)}" for c, n in enumerate(names))
+        rows.append(figure_row(figs, _row_title(i, present, names)))
+    legend = _legend(names)
     intro = (f"<p>Images of the <b>{escape(split)}</b> split: the photo, its ground truth, the CAM heat map "
              "(maximum over the image's tag classes, jet colours: blue low, red high), the CAM seeds turned "
              f"into a mask (argmax over the tag classes, background where the CAM is &le; {bg_threshold:g}) "
@@ -297,23 +317,14 @@ def side_by_side_section(data_root: Path, split: str, ids: Sequence[str], names:
     at ``bg_threshold``. A column without the image's file is left out of that row."""
     rows = []
     for i in ids:
-        img = read_image(Path(data_root) / "JPEGImages" / f"{i}.jpg")
-        figs = [img_html(resize_image(img, 512), f"{i}", THUMB)]
-        gt_path = Path(data_root) / "SegmentationClass" / f"{i}.png"
-        present = []
-        if gt_path.is_file():
-            gt = read_label(gt_path)
-            present = [int(c) for c in np.unique(gt) if 0 < c < 255]
-            figs.append(img_html(resize_image(colorize_label(gt), 512, nearest=True), "ground truth", THUMB))
+        img, figs, present = _photo_and_truth(data_root, i)
         for caption, folder, kind in columns:
             f = Path(folder) / f"{i}.{'npz' if kind == 'seeds' else 'png'}"
             if f.is_file():
                 lab = seeds_mask(f, bg_threshold) if kind == "seeds" else read_label(f)
                 figs.append(img_html(resize_image(label_overlay(img, lab), 512), caption, THUMB))
-        tag_names = ", ".join(names[c] if c < len(names) else str(c) for c in present)
-        rows.append(figure_row(figs, f"{i}: {tag_names}" if tag_names else i))
-    legend = " ".join(f"{swatch(VOC_PALETTE[c])}{escape(n)}" for c, n in enumerate(names))
-    return Section(title, intro + f"<p>{legend}</p>" + "".join(rows), anchor=f"side-by-side-{split}")
+        rows.append(figure_row(figs, _row_title(i, present, names)))
+    return Section(title, intro + f"<p>{_legend(names)}</p>" + "".join(rows), anchor=f"side-by-side-{split}")
 
 
 def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: Mapping[str, Path],
@@ -338,18 +349,15 @@ def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: 
         table = read_table(Path(path).parent)
     sections = [summary_section(summary)]
     split = summary.get("headline_split") or next(iter(pred_dirs))
-    ids_file = Path(data_root) / "ImageSets" / "Segmentation" / f"{split}.txt"
-    ids = [ln.split()[0] for ln in ids_file.read_text().splitlines() if ln.strip()] if ids_file.is_file() else []
+    ids = split_ids(data_root, split)
     if n_examples > 0 and split in pred_dirs:
         sections.append(examples_section(data_root, pred_dirs[split], split, pick_examples(ids, n_examples), names,
                                          bg_threshold))
     if n_examples > 0 and compare:
-        c_ids_file = Path(data_root) / "ImageSets" / "Segmentation" / f"{compare_split}.txt"
-        c_ids = [ln.split()[0] for ln in c_ids_file.read_text().splitlines() if ln.strip()] \
-            if c_ids_file.is_file() else []
         intro = (f"<p>The same <b>{escape(compare_split)}</b> images through each method: seeds as masks at the "
                  f"background threshold {bg_threshold:g} and the final masks, as overlays.</p>")
-        sections.append(side_by_side_section(data_root, compare_split, pick_examples(c_ids, n_examples), names,
+        sections.append(side_by_side_section(data_root, compare_split,
+                                             pick_examples(split_ids(data_root, compare_split), n_examples), names,
                                              compare, bg_threshold, f"Side by side ({compare_split})", intro))
     sweeps = summary.get("threshold_sweep")
     if sweeps is None and names and split in pred_dirs and Path(pred_dirs[split]).is_dir():
