@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from labelwise.benchmarks import peak_memory
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cpu", help="seco preset (default cpu)")
@@ -48,8 +50,6 @@ VARIANTS = {
 
 
 def _measure(args) -> dict:
-    import resource
-
     import torch
 
     from labelwise.engine import api
@@ -78,15 +78,10 @@ def _measure(args) -> dict:
                   overrides=sets + [f"train.batch_size={batch}", "train.eval_at_end=false", f"train.device={dev}",
                                     "train.ckpt_every=100000", "train.num_workers=0"],
                   hooks=[clock], show_progress=False)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    out = {"ms_per_step": 1000 * statistics.median(times), "ms_per_step_min": 1000 * min(times),
-           "ms_per_step_max": 1000 * max(times), "images_per_s": batch / statistics.median(times),
-           "batch_size": batch, "steps": len(times), "device": str(dev), "threads": args.threads,
-           "peak_rss_mb": rss / 2 ** 20}
-    if dev.type == "cuda":
-        out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-        out["gpu"] = torch.cuda.get_device_name(dev)
-    return out
+    return {"ms_per_step": 1000 * statistics.median(times), "ms_per_step_min": 1000 * min(times),
+            "ms_per_step_max": 1000 * max(times), "images_per_s": batch / statistics.median(times),
+            "batch_size": batch, "steps": len(times), "device": str(dev), "threads": args.threads,
+            **peak_memory(dev)}
 
 
 def run(args: argparse.Namespace) -> dict:

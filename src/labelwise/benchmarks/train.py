@@ -11,10 +11,10 @@ tracemalloc peak of the Python heap.
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
 import time
 import tracemalloc
+
+from labelwise.benchmarks import peak_memory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,14 +83,11 @@ def measure(overrides: list[str], steps: int, warmup: int, device: str = "auto",
     dt = time.perf_counter() - t0
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    res = {"images_per_s": B * steps / dt, "ms_per_image": 1000 * dt / (B * steps), "ms_per_step": 1000 * dt / steps,
-           "batch_size": B, "crop_size": S, "backbone": cfg.model.backbone, "amp": amp, "device": str(dev),
-           "threads": torch.get_num_threads(), "peak_rss_mb": rss / 2 ** 20, "python_heap_peak_mb": py_peak / 2 ** 20}
-    if dev.type == "cuda":
-        res["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-        res["gpu"] = torch.cuda.get_device_name(dev)
-    return res
+    mem = peak_memory(dev)
+    return {"images_per_s": B * steps / dt, "ms_per_image": 1000 * dt / (B * steps), "ms_per_step": 1000 * dt / steps,
+            "batch_size": B, "crop_size": S, "backbone": cfg.model.backbone, "amp": amp, "device": str(dev),
+            "threads": torch.get_num_threads(), "peak_rss_mb": mem.pop("peak_rss_mb"),
+            "python_heap_peak_mb": py_peak / 2 ** 20, **mem}
 
 
 def run(args: argparse.Namespace) -> dict:

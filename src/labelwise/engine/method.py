@@ -109,6 +109,23 @@ class PredictContext:
     state: nn.Module | None = None
 
 
+def val_shard(ctx: StepContext):
+    """``(dataset, indices)`` of this rank's share of ``data.val_split`` for a method's periodic
+    ``evaluate`` (at most ``data.eval_max_images`` images, strided over ranks), or ``None`` when
+    there is no validation split or it has no masks: nothing to report."""
+    from labelwise.data.spec import build_dataset
+
+    cfg = ctx.cfg
+    try:
+        ds = build_dataset(ctx.data_spec, cfg.data.val_split)
+    except LabelwiseError:
+        return None
+    n = len(ds) if not cfg.data.eval_max_images else min(len(ds), cfg.data.eval_max_images)
+    if n == 0 or ds.load_mask(0) is None:
+        return None
+    return ds, range(ctx.rank, n, ctx.world_size)
+
+
 def image_to_input(item: dict) -> dict:
     """The default inference transform: ``item["input"]`` = the RGB image as ``3 x H x W`` float in [0, 1]."""
     img = np.ascontiguousarray(item["image"])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from labelwise.blocks.cam import cam_to_label, multiscale_cam
 from labelwise.engine.data import SeededDataset
-from labelwise.engine.method import Method, PredictContext, StepContext
+from labelwise.engine.method import Method, PredictContext, StepContext, val_shard
 from labelwise.errors import LabelwiseError
 from labelwise.methods.cam.config import CAMConfig
 from labelwise.methods.cam.model import CAMNet
@@ -153,20 +153,16 @@ class CAMMethod(Method):
 
     def evaluate(self, model, ctx: StepContext):
         """Single-scale CAM pseudo-mask mIoU on ``data.val_split`` (tags from the split), sharded over ranks."""
-        from labelwise.data.spec import build_dataset
         from labelwise.evaluation import SemanticMetric
 
         cfg = ctx.cfg
-        try:
-            ds = build_dataset(ctx.data_spec, cfg.data.val_split)
-        except LabelwiseError:
-            return None  # no validation split: nothing to report
-        n = len(ds) if not cfg.data.eval_max_images else min(len(ds), cfg.data.eval_max_images)
-        if n == 0 or ds.load_mask(0) is None:
+        shard = val_shard(ctx)
+        if shard is None:
             return None
+        ds, indices = shard
         metric = SemanticMetric(ctx.info.num_classes, ctx.info.class_names)
         tf = _CamInferTransform(cfg.infer.max_size)
-        for i in range(ctx.rank, n, ctx.world_size):
+        for i in indices:
             item = tf(ds[i])
             x = item["input"][None].to(ctx.device)
             [(cams, keys)] = batch_cams(model, x, [item.get("tags")], cfg, scales=[1.0], flip=False)

@@ -11,7 +11,7 @@ from labelwise import dist
 from labelwise.blocks.cam import multiscale_cam
 from labelwise.blocks.memory_bank import FIFOQueue
 from labelwise.engine.data import SeededDataset
-from labelwise.engine.method import Method, PredictContext, StepContext
+from labelwise.engine.method import Method, PredictContext, StepContext, val_shard
 from labelwise.errors import LabelwiseError
 from labelwise.methods.seco import decompose as D
 from labelwise.methods.seco import losses as L
@@ -240,20 +240,16 @@ class SeCoMethod(Method):
 
     def evaluate(self, model, ctx: StepContext):
         """Single-scale segmentation mIoU on ``data.val_split`` (periodic evaluation)."""
-        from labelwise.data.spec import build_dataset
         from labelwise.evaluation import SemanticMetric
 
         cfg = ctx.cfg
-        try:
-            ds = build_dataset(ctx.data_spec, cfg.data.val_split)
-        except LabelwiseError:
+        shard = val_shard(ctx)
+        if shard is None:
             return None
-        n = len(ds) if not cfg.data.eval_max_images else min(len(ds), cfg.data.eval_max_images)
-        if n == 0 or ds.load_mask(0) is None:
-            return None
+        ds, indices = shard
         metric = SemanticMetric(ctx.info.num_classes, ctx.info.class_names)
         tf = _InferTransform(cfg.infer.size or cfg.data.crop_size, ctx.module.patch_size)
-        for i in range(ctx.rank, n, ctx.world_size):
+        for i in indices:
             item = tf(ds[i])
             logits = ctx.module.segment(item["input"][None].to(ctx.device))
             pred = F.interpolate(logits.float(), size=item["image"].shape[:2], mode="bilinear", align_corners=False)
