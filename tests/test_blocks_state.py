@@ -194,7 +194,9 @@ def _worker(rank, world, init_file, out_file):
     torch.save({"labels": q.get()[1], "feats": q.get()[0], "proto": bank.prototypes, "ema": ok_ema,
                 "q2": q2.get(ordered=True), "padded": padded, "valid": valid, "cat": cat.detach(), "grad": x.grad},
                f"{out_file}.{rank}")
-    dist.destroy_process_group()
+    from labelwise.dist import shutdown
+
+    shutdown(ok=True)  # the ranks meet before leaving (gloo aborts a peer that is still talking)
 
 
 def test_two_rank_gather_and_reduce(tmp_path):

@@ -62,12 +62,16 @@ def _run(indices):
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from labelwise.dist import shutdown
+
+    ok = False
     try:
         res = _run(range(rank, 4, world))
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(res, f)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown(ok)  # the ranks meet before leaving (gloo aborts a peer that is still talking)
 
 
 def _same(a, b):

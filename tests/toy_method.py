@@ -212,13 +212,14 @@ def ddp_worker(rank: int, world: int, port: int, kwargs: dict) -> None:
     torch.set_num_threads(1)
     from labelwise.engine import api
 
+    from labelwise import dist
+
+    ok = False
     try:
         api.train(**kwargs)
+        ok = True
     finally:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+        dist.shutdown(ok)  # the ranks meet before leaving, as every CLI command does
 
 
 @dataclass
