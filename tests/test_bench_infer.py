@@ -34,3 +34,10 @@ def test_bench_seco_tiny_run_writes_contract_json(tmp_path, capsys):
     for v in res.values():
         assert v["ms_per_step"] > 0 and v["peak_rss_mb"] > 0 and v["steps"] == 1
     assert res["seco"]["ratio_vs_cam"] == res["seco"]["ms_per_step"] / res["cam"]["ms_per_step"]
+
+
+def test_bench_seco_bad_flags_are_one_line_errors(tmp_path, capsys):
+    for argv, word in ((["--steps", "0"], "--steps"), (["--images", "4"], "--images"), (["--size", "8"], "--size")):
+        assert main(["bench", "seco", *argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1, err

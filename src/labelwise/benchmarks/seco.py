@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
 
 
+BATCH = 8  # images per step of every variant
+
 VARIANTS = {
     "seco": ("seco", ["loss.stage_contrast=0", "loss.stage_seg=0", "seco.proto_start=0"]),
     "seco_baseline": ("seco", ["loss.stage_contrast=0", "loss.stage_seg=0", "seco.lig=false", "seco.lil=false",
@@ -71,7 +73,7 @@ def _measure(args) -> dict:
         if step == args.warmup and dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    batch = 8
+    batch = BATCH
     with tempfile.TemporaryDirectory() as tmp:
         preset = args.preset if method == "seco" else "cpu"
         api.train(method, f"voc:{args.root}", Path(tmp) / "run", preset=preset, steps=args.warmup + args.steps,
@@ -89,6 +91,14 @@ def run(args: argparse.Namespace) -> dict:
         print(json.dumps(_measure(args)))
         sys.exit(0)
     from labelwise.data.synth import generate
+    from labelwise.errors import LabelwiseError
+
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--images", args.images, BATCH), ("--size", args.size, 32),
+                               ("--threads", args.threads, 1)):
+        if value < least:
+            raise LabelwiseError(f"bench seco {flag} {value}: needs at least {least}"
+                                 + (f" (one batch of {BATCH} images)" if flag == "--images" else ""))
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "OPENBLAS_NUM_THREADS": str(args.threads), "LABELWISE_NO_PROGRESS": "1"}
@@ -101,7 +111,8 @@ def run(args: argparse.Namespace) -> dict:
                    "--threads", str(args.threads), "--device", args.device]
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:
-                raise RuntimeError(f"bench seco variant {name} failed:\n{r.stderr[-2000:]}")
+                last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                raise LabelwiseError(f"bench seco variant {name} failed: {last}")
             results[name] = json.loads(r.stdout.strip().splitlines()[-1])
     for other in ("seco_baseline", "cam"):
         results["seco"][f"ratio_vs_{other}"] = results["seco"]["ms_per_step"] / results[other]["ms_per_step"]
