@@ -63,19 +63,41 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ["LABELWISE_NO_PROGRESS"] = "1"  # every progress bar of this process and its workers
-    ok = False
     try:
-        rc = int(args.func(args) or 0)
-        ok = rc == 0
-        return rc
+        rc = _dispatch(args)
+    except BaseException:  # an unexpected error: leave the group without meeting the others, show it
+        _leave_process_group(ok=False)
+        raise
+    _leave_process_group(ok=rc == 0, exit_code=rc)
+    return rc
+
+
+def _dispatch(args) -> int:
+    try:
+        return int(args.func(args) or 0)
     except LabelwiseError as e:
         print(f"labelwise: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("labelwise: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if "torch.distributed" in sys.modules:  # under torchrun: every command leaves the group cleanly
-            from labelwise import dist
 
-            dist.shutdown(ok)
+
+def _leave_process_group(ok: bool, exit_code: int | None = None) -> None:
+    """Under torchrun: leave the process group (:func:`labelwise.dist.shutdown`) and, once the
+    command has ended, exit at once. Interpreter teardown would destroy objects that still hold
+    the group (DDP's reducer) and gloo's threads in arbitrary order, which aborts a rank now and
+    then ("terminate called without an active exception") after all its work is written."""
+    if "torch.distributed" not in sys.modules:
+        return
+    from labelwise import dist
+
+    if not dist.is_dist():
+        return
+    dist.shutdown(ok)
+    if exit_code is not None:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
