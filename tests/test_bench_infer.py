@@ -41,3 +41,23 @@ def test_bench_seco_bad_flags_are_one_line_errors(tmp_path, capsys):
         assert main(["bench", "seco", *argv, "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert word in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_cobra_tiny_run_times_training_and_inference_stages(tmp_path, capsys):
+    assert main(["bench", "cobra", "--only", "cobra,cam,infer_irn", "--images", "8", "--infer-images", "2",
+                 "--size", "48", "--steps", "1", "--warmup", "1", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                 "--json", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert set(res) == {"cobra", "cam", "infer_irn"}
+    assert res["cobra"]["kind"] == "train" and res["cobra"]["ms_per_step"] > 0 and res["cobra"]["steps"] == 1
+    assert res["cobra"]["ratio_vs_cam"] == res["cobra"]["ms_per_step"] / res["cam"]["ms_per_step"]
+    assert res["infer_irn"]["kind"] == "infer" and res["infer_irn"]["ms_per_image"] > 0
+    assert res["infer_irn"]["peak_rss_mb"] > 0 and "ratio_vs_cam" not in res["infer_irn"]  # no infer_cam measured
+
+
+def test_bench_cobra_bad_flags_are_one_line_errors(tmp_path, capsys):
+    for argv, word in ((["--steps", "0"], "--steps"), (["--images", "4"], "--images"),
+                       (["--infer-images", "40"], "--infer-images"), (["--only", "nope"], "--only")):
+        assert main(["bench", "cobra", *argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1, err

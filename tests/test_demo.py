@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from labelwise.cli import build_parser, main
+from labelwise.errors import LabelwiseError
 from labelwise.io import atomic_save_npz, read_image, read_label, write_image, write_label
 
 EXTERNAL_URL = re.compile(r'(src|href)\s*=\s*["\']?(https?:)?//', re.I)
@@ -205,13 +206,28 @@ def test_demo_recipe_follows_the_flags():
     assert r.vars["seco_steps"] == 5 and r.stage("seco").fields["method"] == "seco"
     args = parse(["demo", "--with-seco", "--splits", "train"])
     assert not any(s.name.startswith("seco") for s in demo_recipe(args, _splits(args), crf=True).stages)
+    # --with-cobra: the CoBra pipeline (cobra -> seeds -> irn -> masks -> segmenter), its own step count
+    args = parse(["demo", "--with-cobra", "--cobra-steps", "4"])
+    r = demo_recipe(args, _splits(args), crf=True)
+    names = [s.name for s in r.stages]
+    assert not any(n.startswith("seco") for n in names) and r.vars["cobra_steps"] == 4
+    assert [n for n in names if n.startswith("cobra")][:7] == [
+        "cobra", "cobra_seeds_train", "cobra_pred_val", "cobra_irn", "cobra_irn_masks", "cobra_segmenter",
+        "cobra_seg_val"]
+    assert r.stage("cobra_irn").fields["seeds"] == "${cobra_seeds_train.seeds}"
+    assert r.stage("cobra_segmenter").fields["labels"] == "${cobra_irn_masks.masks}"
+    assert not any(s.name.startswith("cobra") for s in demo_recipe(parse(["demo"]), ["train", "val"], crf=True).stages)
+    with pytest.raises(LabelwiseError, match="--with-cobra"):
+        args = parse(["demo", "--with-cobra", "--splits", "train"])
+        demo_recipe(args, _splits(args), crf=True)
 
 
 def test_demo_rejects_bad_flags(tmp_path, capsys):
     d = str(tmp_path / "d")
     for argv, word in ((["--steps", "0"], "--steps"), (["--splits", "test"], "--splits"),
                        (["--size", "16"], "--size"), (["--train", "0"], "--train"),
-                       (["--splits", "val", "--val", "0"], "--val"), (["--seco-steps", "0"], "--seco-steps")):
+                       (["--splits", "val", "--val", "0"], "--val"), (["--seco-steps", "0"], "--seco-steps"),
+                       (["--cobra-steps", "0"], "--cobra-steps")):
         assert main(["demo", "--out", d, *argv]) == 2
         err = capsys.readouterr().err
         assert word in err and len(err.strip().splitlines()) == 1, err

@@ -1,7 +1,9 @@
 """Every registered method keeps the engine's contract: ``torchrun --nproc_per_node=2`` trains its
 ``cpu`` preset on its testbed; a finished run infers from a folder moved elsewhere with no
 pretrained-weights file anywhere; loading a run leaves the global RNG alone; plugin methods
-(``LABELWISE_PLUGINS``) train under torchrun like built-ins."""
+(``LABELWISE_PLUGINS``) train under torchrun like built-ins. A method that refines CAM seeds
+(``Method.needs_seeds``, e.g. ``irn``) gets seeds made from the testbed's masks (blurred and
+scaled: a stand-in for any method's CAMs) with ``--seeds`` for training and inference."""
 
 from __future__ import annotations
 
@@ -43,9 +45,14 @@ def test_torchrun_two_ranks_train_the_cpu_preset_then_a_moved_run_infers(name, t
     method = get_method(name)
     spec = testbeds[method.testbed]
     run = tmp_path / "run"
+    seeds = {}
+    if method.needs_seeds:
+        from labelwise.data.synth import mask_seeds
+
+        seeds = {split: str(mask_seeds(spec, split, tmp_path / f"seeds-{split}")) for split in ("train", "val")}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "labelwise", "train", name, "--data", spec,
            "--out", str(run), "--preset", "cpu", "--steps", "2", "--set", "train.batch_size=2", "train.log_every=1",
-           "--no-progress"]
+           "--no-progress"] + (["--seeds", seeds["train"]] if seeds else [])
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, explain(r)
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
@@ -75,7 +82,7 @@ def test_torchrun_two_ranks_train_the_cpu_preset_then_a_moved_run_infers(name, t
     expected = ck["model"] if set(sd) == set(ck["model"]) else teacher  # the student, or the EMA teacher
     assert set(sd) == set(expected) and all(torch.equal(sd[k], expected[k]) for k in sd)
     out = tmp_path / "pred"
-    api.infer(moved, spec, "val", out, device="cpu", show_progress=False)
+    api.infer(moved, spec, "val", out, device="cpu", show_progress=False, seeds=seeds.get("val"))
     assert len([p for p in out.rglob("*") if p.is_file() and p.name != "skipped.txt"]) >= 3
 
 

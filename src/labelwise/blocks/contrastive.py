@@ -27,14 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["info_nce", "supcon_loss", "masked_info_nce", "select_hard_negatives", "topk_mask"]
+__all__ = ["info_nce", "supcon_loss", "masked_info_nce", "info_nce_from_logits", "select_hard_negatives", "topk_mask"]
 
 REDUCTIONS = ("mean", "pair_mean", "sum", "none")
-
-
-def _zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
-    """A 0 that stays connected to the graph of the inputs (keeps DDP/autograd happy)."""
-    return sum(t.float().sum() * 0.0 for t in tensors)
 
 
 def _masked_lse(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,15 +46,30 @@ def _masked_lse(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 def masked_info_nce(anchor: torch.Tensor, candidates: torch.Tensor, pos_mask: torch.Tensor,
                     neg_mask: torch.Tensor, temperature: float = 0.1, *, normalize: bool = False,
                     positives_in_denominator: bool = True, reduction: str = "mean") -> torch.Tensor:
-    """Generic InfoNCE with positives and negatives given by boolean masks (N, M). See module doc."""
+    """Generic InfoNCE with positives and negatives given by boolean masks (N, M). See module doc.
+
+    Leading batch dimensions are allowed: anchors (..., N, D), candidates (..., M, D), masks
+    (..., N, M) (broadcast); "mean" / "sum" / "pair_mean" then reduce over all of them."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     a, c = anchor.float(), candidates.float()
     if normalize:
         a, c = F.normalize(a, dim=-1), F.normalize(c, dim=-1)
-    pos_mask = pos_mask.bool()
-    neg_mask = neg_mask.bool() & ~pos_mask
-    sim = a @ c.t() / temperature  # (N, M)
+    sim = a @ c.transpose(-2, -1) / temperature  # (..., N, M)
+    return info_nce_from_logits(sim, pos_mask, neg_mask, positives_in_denominator=positives_in_denominator,
+                                reduction=reduction)
+
+
+def info_nce_from_logits(logits: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor, *,
+                         positives_in_denominator: bool = True, reduction: str = "mean") -> torch.Tensor:
+    """:func:`masked_info_nce` on precomputed logits (similarity / temperature, (..., N, M), fp32):
+    for callers that gather rows of one similarity matrix (CoBra's top-k anchors) instead of
+    recomputing it. Masks broadcast against ``logits``. No host synchronisation."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    sim = logits.float()
+    pos_mask = pos_mask.bool().expand_as(sim)
+    neg_mask = neg_mask.bool().expand_as(sim) & ~pos_mask
 
     if positives_in_denominator:  # SupCon L_out, SeCo Eq. 4/8
         lse, _ = _masked_lse(sim, pos_mask | neg_mask)
@@ -72,17 +82,14 @@ def masked_info_nce(anchor: torch.Tensor, candidates: torch.Tensor, pos_mask: to
 
     n_pos = pos_mask.sum(dim=-1)
     valid = n_pos > 0
-    if reduction == "pair_mean":
-        total = n_pos.sum()
-        return pair.sum() / total if total > 0 else _zero_loss(anchor, candidates)
+    if reduction == "pair_mean":  # an empty set gives a 0 that stays on the graph
+        return pair.sum() / n_pos.sum().clamp_min(1)
     per_anchor = pair.sum(dim=-1) / n_pos.clamp_min(1)
     if reduction == "none":
         return per_anchor
-    if not bool(valid.any()):
-        return _zero_loss(anchor, candidates)
     if reduction == "sum":
         return per_anchor.sum()
-    return per_anchor.sum() / valid.sum()
+    return per_anchor.sum() / valid.sum().clamp_min(1)
 
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor | None = None,

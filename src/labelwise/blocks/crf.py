@@ -121,3 +121,16 @@ def crf_refine_label(image, label, num_classes: int, gt_prob: float = 0.7, iters
     img = _check_image(image, unary.shape[1:])
     q = _run(img, unary, iters, pos_xy, pos_w, bi_xy, bi_rgb, bi_w)
     return q.argmax(0).astype(np.uint8)
+
+
+def crf_refine_present(image, label, keys, gt_prob: float = 0.7, **kw) -> np.ndarray:
+    """:func:`crf_refine_label` restricted to background and the image's classes ``keys`` (IRN's
+    label CRF): the other labels' unary is ``(1 - gt_prob) / (K - 1)`` with K = len(keys) + 1,
+    whatever the dataset's class count. ``label`` (H, W) holds 0, values of ``keys`` and 255;
+    returns dataset class indices (H, W) uint8."""
+    present = np.concatenate([[0], np.asarray(keys, dtype=np.int64).reshape(-1)])
+    to_compact = np.full(256, 255, np.uint8)
+    to_compact[present] = np.arange(len(present))
+    lab = np.asarray(_to_numpy(label)).astype(np.int64)
+    refined = crf_refine_label(image, to_compact[lab], len(present), gt_prob=gt_prob, **kw)
+    return present[refined].astype(np.uint8)

@@ -1,4 +1,4 @@
-"""``labelwise bench {oap,train,infer,crf} [...] [--json OUT.json]``: speed/quality benchmarks.
+"""``labelwise bench {oap,train,infer,crf,seco,cobra} [...] [--json OUT.json]``: speed/quality benchmarks.
 
 Each benchmark is a module ``labelwise.benchmarks.<name>`` with ``add_arguments(parser)``
 and ``run(args) -> dict`` returning ``{"<variant>": {"ms_per_image": float, ...}, ...}``.
@@ -18,6 +18,7 @@ BENCHMARKS = {
     "infer": "inference speed",
     "crf": "dense CRF speed",
     "seco": "SeCo training step time and memory vs its baseline row and the cam baseline",
+    "cobra": "step time and memory of every CoBra pipeline stage (cobra, irn, segmenter) vs the cam baseline",
 }
 
 

@@ -61,6 +61,11 @@ def register(subparsers, name: str, help_text: str) -> None:
                         "comparison table (about 7 more minutes on a 2-core CPU; needs the val split)")
     p.add_argument("--seco-steps", type=int, default=None, metavar="N",
                    help="with --with-seco: SeCo's optimisation steps (default: its cpu preset's)")
+    p.add_argument("--with-cobra", action="store_true",
+                   help="also run the CoBra pipeline (cobra -> M_fuse seeds -> IRN masks -> DeepLabV3+ segmenter, "
+                        "cpu presets) and show it beside the CAM baseline (needs the train and val splits)")
+    p.add_argument("--cobra-steps", type=int, default=None, metavar="N",
+                   help="with --with-cobra: CoBra's optimisation steps (default: its cpu preset's)")
     p.add_argument("--no-real-photos", action="store_true",
                    help="skip the EfficientNet-Lite0 CAMs of skimage.data photos")
     add_common(p)
@@ -111,6 +116,10 @@ def demo_recipe(args, splits: list[str], crf: bool):
         if args.seco_steps < 1:
             raise LabelwiseError(f"--seco-steps {args.seco_steps}: must be a positive number of steps")
         sets.append(f"seco_steps={args.seco_steps}")
+    if getattr(args, "cobra_steps", None) is not None:
+        if args.cobra_steps < 1:
+            raise LabelwiseError(f"--cobra-steps {args.cobra_steps}: must be a positive number of steps")
+        sets.append(f"cobra_steps={args.cobra_steps}")
     recipe = recipe.apply(sets)
     names = {s.name for s in recipe.stages}
     for split in SPLITS:
@@ -121,6 +130,12 @@ def demo_recipe(args, splits: list[str], crf: bool):
     seco = [s.name for s in recipe.stages if s.name.startswith("seco")]
     if not getattr(args, "with_seco", False) or "val" not in splits:
         drop |= set(seco)  # SeCo beside the baseline only on request (it trains ~7 more minutes on a CPU)
+    cobra = [s.name for s in recipe.stages if s.name.startswith("cobra")]
+    if getattr(args, "with_cobra", False) and splits != list(SPLITS):
+        raise LabelwiseError("--with-cobra needs both splits (CoBra's IRN masks come from train, its segmentation "
+                             "is scored on val): drop --splits or pass --splits train,val with --val >= 1")
+    if not getattr(args, "with_cobra", False):
+        drop |= set(cobra)
     recipe.stages = [s for s in recipe.stages if s.name not in drop]
     return recipe
 
@@ -260,6 +275,12 @@ def run(args) -> int:
         compare = [("CAM: seeds as mask", pred_dirs["val"], "seeds"), ("CAM: pseudo-mask", pred_dirs["val"], "label"),
                    ("SeCo: seeds as mask", Path(seco_out["seeds"]), "seeds"),
                    ("SeCo: segmentation", Path(seco_out["segmentation"]), "label")]
+    if "cobra_seg_val" in stages:  # --with-cobra: CoBra's seeds and its segmenter beside the CAM baseline
+        if not compare:
+            compare = [("CAM: seeds as mask", pred_dirs["val"], "seeds"),
+                       ("CAM: pseudo-mask", pred_dirs["val"], "label")]
+        compare += [("CoBra: M_fuse seeds", Path(stages["cobra_pred_val"]["masks"]), "label"),
+                    ("CoBra: segmenter", Path(stages["cobra_seg_val"]["segmentation"]), "label")]
     report = build_demo_report(out / "report.html", summary=summary, data_root=data_root, pred_dirs=pred_dirs,
                                bg_threshold=bg, log=log, table=res["table"], photos=photos,
                                photo_note=photo_note, n_examples=args.examples, compare=compare,

@@ -21,8 +21,9 @@ EPILOG = """outputs (what a method declares; see labelwise train METHOD --help f
   parts         PRED_DIR/parts/<image_id>.png and PRED_DIR/objects/<image_id>.png
   universal     PRED_DIR/universal.json  COCO results (instance + semantic level)
 
-example:
-  labelwise infer runs/cam --data voc:data/cooc --split train --out pred/train --what seeds,masks"""
+examples:
+  labelwise infer runs/cam --data voc:data/cooc --split train --out pred/train --what seeds,masks
+  labelwise infer runs/irn --data voc:data/cooc --split val --out pred/irn-val --seeds pred/val  # a seeds refiner"""
 
 
 def register(subparsers, name: str, help: str) -> None:
@@ -36,6 +37,9 @@ def register(subparsers, name: str, help: str) -> None:
                    help="one or several outputs the method declares, comma-separated (default: its first)")
     add_set(p, help="override inference settings of the saved config (infer.* keys only), e.g. "
                     "--set infer.crf=true infer.batch_size=8")
+    p.add_argument("--seeds", default=None, metavar="SEED_DIR",
+                   help="CAM seeds of SPLIT for a method that refines seeds (irn): the --out of labelwise infer "
+                        "RUN --what seeds (default: the run's own --seeds when SPLIT is its training split)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint to load (default: the run's last.pt)")
     p.add_argument("--skip-bad", action="store_true",
                    help="list unreadable images in PRED_DIR/skipped.txt instead of stopping")
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = api.infer(args.run_dir, args.data, args.split, args.out, what=args.what, device=args.device,
                     overrides=args.overrides, checkpoint=args.checkpoint, skip_bad=args.skip_bad,
-                    show_progress=not args.no_progress)
+                    show_progress=not args.no_progress, seeds=args.seeds)
     if dist.is_main():
         print(f"labelwise: predictions written to {out}")
     return 0

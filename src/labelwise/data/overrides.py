@@ -6,7 +6,10 @@
   own label PNGs), never from the pseudo labels.
 * ``--seeds SEED_DIR``: CAM seeds (``SEED_DIR/<image_id>.npz`` with ``cams`` K x H x W and
   ``keys``, from ``--what seeds`` of any method) are added to each item as ``seeds``
-  (``{"cams": float32 K x H x W, "keys": int64 K}``).
+  (``{"cams": float32 K x H x W, "keys": int64 K}``). A file may also hold a scalar
+  ``bg_threshold`` (CoBra writes one per image, from its ViT's semantic-agnostic
+  attention); it is passed through as ``seeds["bg_threshold"]`` (a float) for refiners
+  that set their thresholds per image (``irn``, ``irn.thresholds: auto``).
 
 :func:`with_stage_inputs` checks up front that every item of the split has its file, so
 a run does not stop halfway on a missing one.
@@ -27,19 +30,30 @@ from labelwise.io import read_label
 __all__ = ["StageInputs", "with_stage_inputs", "read_seeds"]
 
 
-def read_seeds(path: str | Path) -> dict[str, np.ndarray]:
-    """``{"cams": float32 K x H x W, "keys": int64 K}`` of a seeds ``.npz``; errors name the file."""
+def read_seeds(path: str | Path) -> dict:
+    """``{"cams": float32 K x H x W, "keys": int64 K}`` of a seeds ``.npz``, plus ``"bg_threshold"``
+    (a float) when the file holds that scalar; errors name the file."""
     path = Path(path)
+    bg = None
     try:
         with np.load(path) as z:
             cams, keys = z["cams"].astype(np.float32), np.asarray(z["keys"]).astype(np.int64).reshape(-1)
+            if "bg_threshold" in z.files:
+                bg = np.asarray(z["bg_threshold"])
     except (OSError, KeyError, ValueError) as e:
         raise LabelwiseError(f"{path}: not a CAM seeds file with 'cams' and 'keys' ({type(e).__name__}); "
                              "write seeds with labelwise infer RUN --what seeds") from None
     if cams.ndim != 3 or cams.shape[0] != len(keys):
         raise LabelwiseError(f"{path}: 'cams' has shape {cams.shape} but there are {len(keys)} keys; "
                              "rewrite the seeds with labelwise infer RUN --what seeds")
-    return {"cams": cams, "keys": keys}
+    out: dict = {"cams": cams, "keys": keys}
+    if bg is not None:
+        ok = bg.size == 1 and np.issubdtype(bg.dtype, np.number) and 0.0 <= float(bg.reshape(-1)[0]) <= 1.0
+        if not ok:
+            raise LabelwiseError(f"{path}: 'bg_threshold' must be one number in [0, 1], got {bg.tolist()!r}; "
+                                 "rewrite the seeds with labelwise infer RUN --what seeds")
+        out["bg_threshold"] = float(bg.reshape(-1)[0])
+    return out
 
 
 class StageInputs(SegDataset):

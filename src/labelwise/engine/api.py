@@ -282,11 +282,13 @@ def output_writers(method, what: tuple[str, ...], out: Path) -> dict:
 
 def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str | Iterable[str] | None = None,
           device: str = "auto", overrides: Iterable[str] = (), checkpoint: str | Path | None = None,
-          skip_bad: bool = False, show_progress: bool = True) -> Path:
+          skip_bad: bool = False, show_progress: bool = True, seeds: str | Path | None = None) -> Path:
     """Write ``what`` (one or several of the method's outputs, in one pass) for ``split`` of ``data``.
 
     ``overrides`` (``infer.key=value``) change inference settings of the saved config for this
     call. Under ``torchrun`` each rank predicts its shard. Images whose outputs exist are skipped.
+    ``seeds``: CAM seeds of ``split`` for a method that refines them (``Method.needs_seeds``,
+    e.g. ``irn``); default: the run's ``--seeds`` folder when ``split`` is its training split.
     """
     from labelwise.data import build_dataset
     from labelwise.engine.method import PredictContext
@@ -310,8 +312,13 @@ def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str
     if ds.num_classes > 1 and ds.num_classes != info.num_classes:  # a plain folder has no class list
         raise LabelwiseError(f"{data} has {ds.num_classes} classes but the run was trained with "
                              f"{info.num_classes}; pass a dataset with the same class list")
+    seeds = _inference_seeds(method, cfg, run_dir, normalise_spec(data), split, seeds)
+    if seeds is not None:
+        from labelwise.data.overrides import with_stage_inputs
+
+        ds = with_stage_inputs(ds, seeds_dir=seeds)
     out = Path(out)
-    sigs = {w: _prediction_signature(loaded, cfg, normalise_spec(data), split, checkpoint) for w in whats}
+    sigs = {w: _prediction_signature(loaded, cfg, normalise_spec(data), split, checkpoint, seeds) for w in whats}
     _check_predictions(out, sigs)
     out.mkdir(parents=True, exist_ok=True)
     writers = output_writers(method, whats, out)
@@ -333,13 +340,38 @@ def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str
 PREDICTIONS_META = ".labelwise-predictions.json"
 
 
-def _prediction_signature(loaded: LoadedRun, cfg, spec: str, split: str, checkpoint) -> dict:
-    """What decides an output's contents: the run, its checkpoint, the data and the inference settings."""
+def _inference_seeds(method, cfg, run_dir, spec: str, split: str, seeds: str | Path | None) -> str | None:
+    """The seeds folder ``predict`` reads (absolute), or None for a method that needs none."""
+    if not getattr(method, "needs_seeds", False):
+        if seeds is not None:
+            raise LabelwiseError(f"--seeds {seeds}: method '{method.name}' does not read seeds at inference; "
+                                 "drop --seeds")
+        return None
+    if seeds is not None:
+        path = Path(seeds).expanduser().resolve()
+        if not path.is_dir():
+            raise LabelwiseError(f"--seeds {seeds}: folder not found; pass the --out folder of labelwise infer "
+                                 f"RUN --split {split} --what seeds")
+        return str(path)
+    run = read_run(run_dir)
+    recorded = (run.get("inputs") or {}).get("seeds")
+    if recorded and split == cfg.data.train_split and run.get("data") == spec and Path(recorded).is_dir():
+        return str(recorded)
+    raise LabelwiseError(f"method '{method.name}' refines CAM seeds: pass --seeds SEED_DIR with the seeds of split "
+                         f"'{split}' (labelwise infer CAM_RUN --split {split} --what seeds)")
+
+
+def _prediction_signature(loaded: LoadedRun, cfg, spec: str, split: str, checkpoint, seeds: str | None = None) -> dict:
+    """What decides an output's contents: the run, its checkpoint, the data, the inference settings
+    and, for a method that refines seeds, the seeds folder."""
     ck = Path(checkpoint) if checkpoint else loaded.run_dir / "checkpoints" / "last.pt"
     st = ck.stat()
     settings = {k: v for k, v in to_dict(cfg.infer).items() if k not in ("batch_size", "num_workers")}
-    return {"run": str(loaded.run_dir.resolve()), "checkpoint": f"{ck.name}:{st.st_size}:{st.st_mtime_ns}",
-            "data": spec, "split": split, "infer": settings}
+    sig = {"run": str(loaded.run_dir.resolve()), "checkpoint": f"{ck.name}:{st.st_size}:{st.st_mtime_ns}",
+           "data": spec, "split": split, "infer": settings}
+    if seeds is not None:
+        sig["seeds"] = str(seeds)
+    return sig
 
 
 def _read_predictions_meta(out: Path) -> dict:

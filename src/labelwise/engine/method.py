@@ -51,6 +51,9 @@ Inference (``labelwise infer RUN --what a,b``; :mod:`labelwise.engine.predict`):
 * ``predict(model, batch, ctx)``: one ``{what: payload}`` dict per item for every ``what``
   in ``ctx.what``, computed in one pass (seeds and masks share their CAMs).
 * ``inference_model(model, teacher, state)``: the module ``predict`` receives.
+* ``needs_seeds``: ``predict`` reads ``item["seeds"]`` (a refiner such as ``irn``); the
+  engine adds them from ``infer --seeds SEED_DIR`` (default: the run's training seeds when
+  the split is its training split).
 
 Presets are YAML files ``labelwise/configs/<name>/<preset>.yaml`` (package data).
 """
@@ -142,6 +145,9 @@ class Method:
     uses_ema: bool = False
     # The synthetic testbed (``labelwise data synth KIND``) the ``cpu`` preset is built for.
     testbed: str = "cooc"
+    # Whether ``predict`` reads each image's CAM seeds (``item["seeds"]``): ``labelwise infer
+    # --seeds SEED_DIR``, by default the run's own ``--seeds`` folder on its training split.
+    needs_seeds: bool = False
 
     # ------------------------------------------------------------------ presets
     def preset_dir(self):

@@ -91,7 +91,10 @@ class CamNpzWriter(Writer):
         keys = np.asarray(payload["keys"], dtype=np.int64).reshape(-1)
         if cams.ndim != 3 or cams.shape[0] != len(keys):
             raise ValueError(f"seeds of {item['image_id']}: cams {cams.shape} do not match {len(keys)} keys")
-        atomic_save_npz(self.out / f"{item['image_id']}.npz", cams=cams, keys=keys)
+        extra = {}
+        if payload.get("bg_threshold") is not None:  # the seed's own background threshold (CoBra)
+            extra["bg_threshold"] = np.float32(payload["bg_threshold"])
+        atomic_save_npz(self.out / f"{item['image_id']}.npz", cams=cams, keys=keys, **extra)
 
 
 class PartsPNGWriter(Writer):

@@ -8,7 +8,7 @@ synth          testbed (cooc|parts|objects), train, val, size, seed,  ``root``, 
 train          method, preset, steps | epochs, set [k=v], config      ``run``
                [files], data, labels, seeds
 infer          run, split, what [..], set [infer.k=v], data,          ``out`` and one per ``what``
-               checkpoint                                            (the same folder)
+               checkpoint, seeds                                     (the same folder)
 evaluate       task, pred, split, gt (default: data), label,         ``metrics`` (json file)
                bg_threshold, class_aware, num_clusters
 pseudo-masks   method (oap|maskcut|tokencut), data, split, set       ``json``, ``out``
@@ -95,13 +95,15 @@ class InferFields:
     data: str | None = param(None)
     checkpoint: str | None = param(None)
     skip_bad: bool = param(False)
+    seeds: str | None = param(None, help="CAM seeds of the split for a seeds refiner (irn); default: the run's "
+                                         "training seeds on its training split")
 
 
 def run_infer(f: InferFields, out: Path, ctx: StageContext) -> dict:
     from labelwise.engine import api
 
     api.infer(f.run, _data(f.data, ctx), f.split, out, what=f.what, device=ctx.device, overrides=f.set,
-              checkpoint=f.checkpoint, skip_bad=f.skip_bad, show_progress=ctx.show_progress)
+              checkpoint=f.checkpoint, skip_bad=f.skip_bad, show_progress=ctx.show_progress, seeds=f.seeds)
     from labelwise.engine.registry import get_method
 
     whats = api.parse_what(f.what, get_method(api.read_run(f.run)["method"]))
@@ -193,4 +195,7 @@ def parse_fields(kind: str, name: str, fields: dict) -> Any:
 
 
 def fields_dict(obj: Any) -> dict:
-    return to_dict(obj)
+    d = to_dict(obj)
+    if isinstance(obj, InferFields) and d.get("seeds") is None:
+        d.pop("seeds", None)  # infer records written before the field existed stay valid (no redo)
+    return d

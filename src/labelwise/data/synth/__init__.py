@@ -29,7 +29,7 @@ DEFAULT_VAL = 50
 DEFAULT_SIZE = 128
 DEFAULT_SEED = 0
 
-__all__ = ["KINDS", "SPEC_FORMAT", "generate", "options", "load_meta", "testbed_spec", "DEFAULT_TRAIN", "DEFAULT_VAL",
+__all__ = ["KINDS", "SPEC_FORMAT", "generate", "options", "load_meta", "testbed_spec", "mask_seeds", "DEFAULT_TRAIN", "DEFAULT_VAL",
            "DEFAULT_SIZE"]
 
 
@@ -94,3 +94,29 @@ def load_meta(out_dir: str | Path) -> dict:
         raise LabelwiseError(f"{Path(out_dir) / common.META}: not found or unreadable; "
                              "generate the testbed with `labelwise data synth`")
     return meta
+
+
+def mask_seeds(spec: str, split: str, out: str | Path, blur: int = 9, peak: float = 0.9) -> Path:
+    """Stand-in CAM seeds of a split made from its masks (for tests and benchmarks of seed refiners
+    such as ``irn``, never for reported figures): ``out/<image_id>.npz`` with ``cams`` (each present
+    class's mask box-blurred over ``blur`` px and scaled to ``peak``, float16, K x H x W) and ``keys``."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from labelwise.data.spec import build_dataset
+    from labelwise.io import atomic_save_npz
+
+    ds = build_dataset(spec, split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(len(ds)):
+        m = torch.from_numpy(ds.load_mask(i).astype(np.int64))
+        keys = [int(c) for c in torch.unique(m).tolist() if 0 < c < 255]
+        cams = torch.zeros(0, *m.shape)
+        if keys:
+            onehot = torch.stack([(m == k).float() for k in keys])[None]
+            cams = peak * F.avg_pool2d(onehot, blur, 1, blur // 2, count_include_pad=False)[0]
+        atomic_save_npz(out / f"{ds.ids[i]}.npz", cams=cams.numpy().astype(np.float16),
+                        keys=np.asarray(keys, np.int64))
+    return out

@@ -118,16 +118,9 @@ def cams_to_mask(cams: torch.Tensor, keys: np.ndarray, image: np.ndarray, cfg) -
     label = cam_to_label(cams, keys=torch.as_tensor(keys, device=cams.device),
                          bg_threshold=cfg.infer.bg_threshold).cpu().numpy()
     if cfg.infer.crf:
-        from labelwise.blocks.crf import crf_refine_label
+        from labelwise.blocks.crf import crf_refine_present
 
-        # As IRN's label CRF: the CRF competes only between background and the image's
-        # classes, so the unary of the other labels is (1 - gt_prob) / (K - 1) with K = present
-        # classes + background, independent of the dataset's class count.
-        present = np.concatenate([[0], np.asarray(keys, dtype=np.int64)])
-        to_compact = np.zeros(256, np.uint8)
-        to_compact[present] = np.arange(len(present))
-        refined = crf_refine_label(image, to_compact[label], len(present), gt_prob=cfg.infer.crf_gt_prob)
-        label = present[refined].astype(np.uint8)
+        label = crf_refine_present(image, label, keys, gt_prob=cfg.infer.crf_gt_prob)
     return label.astype(np.uint8)
 
 

@@ -165,13 +165,19 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *, return_attn: bool = False, attn_layers: Iterable[int] | None = None,
                 average_heads: bool = False, return_keys: bool = False,
-                return_blocks: Sequence[int] = ()) -> BackboneOutput:
-        """``x``: ``B x 3 x H x W`` RGB floats in [0, 1] (normalised here)."""
+                return_blocks: Sequence[int] = (), attn_rows: int | None = None,
+                return_features: bool = True) -> BackboneOutput:
+        """``x``: ``B x 3 x H x W`` RGB floats in [0, 1] (normalised here).
+
+        ``attn_rows``: compute only the first ``attn_rows`` query rows of each attention map
+        (``1`` = the CLS row, TS-CAM's semantic-agnostic map) — O(N) instead of O(N^2) memory.
+        ``return_features=False`` (ViT): skip the simple pyramid (``features`` is empty)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a B x 3 x H x W image tensor, got shape {tuple(x.shape)}")
         x = self.normalize(x)
         if self.is_vit:
-            return self._forward_vit(x, return_attn, attn_layers, average_heads, return_keys, tuple(return_blocks))
+            return self._forward_vit(x, return_attn, attn_layers, average_heads, return_keys, tuple(return_blocks),
+                                     attn_rows, return_features)
         if return_attn:
             raise LabelwiseError(f"backbone '{self.name}' is a CNN and has no attention maps; "
                                  "use a ViT backbone (e.g. deit_small_patch16, dino_vits8) for this method")
@@ -188,7 +194,8 @@ class Backbone(nn.Module):
         return BackboneOutput(features=feats, tokens=final, cls=None, keys=keys,
                               blocks={i: by_idx[j] for i, j in blk.items()})
 
-    def _forward_vit(self, x, return_attn, attn_layers, average_heads, return_keys, return_blocks):
+    def _forward_vit(self, x, return_attn, attn_layers, average_heads, return_keys, return_blocks, attn_rows=None,
+                     return_features=True):
         m = self.model
         p = self.patch_size
         H, W_ = x.shape[-2:]
@@ -236,23 +243,26 @@ class Backbone(nn.Module):
                 hd.remove()
         tokens = self._grid(t, h, w)
         cls = t[:, 0] if getattr(m, "cls_token", None) is not None else None
-        attn = [self._attention(i, captured[i], average_heads) for i in attn_idx]
+        attn = [self._attention(i, captured[i], average_heads, attn_rows) for i in attn_idx]
         keys = None
         if return_keys:
             qkv = captured[depth - 1]
             a = qkv.shape[-1] // 3
             keys = qkv[:, npt:, a:2 * a].reshape(qkv.shape[0], h, w, a)
-        return BackboneOutput(features=self._pyramid(tokens, H, W_), tokens=tokens, cls=cls, attn=attn,
+        feats = self._pyramid(tokens, H, W_) if return_features else []
+        return BackboneOutput(features=feats, tokens=tokens, cls=cls, attn=attn,
                               keys=keys, blocks=blocks_out)
 
     def _grid(self, t: Tensor, h: int, w: int) -> Tensor:
         return t[:, self.num_prefix_tokens:].transpose(1, 2).reshape(t.shape[0], t.shape[-1], h, w)
 
-    def _attention(self, i: int, qkv: Tensor, average_heads: bool) -> Tensor:
+    def _attention(self, i: int, qkv: Tensor, average_heads: bool, rows: int | None = None) -> Tensor:
         mod = self.model.blocks[i].attn
         B, N, _ = qkv.shape
         q, k, _v = qkv.reshape(B, N, 3, mod.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = mod.q_norm(q), mod.k_norm(k)
+        if rows is not None:
+            q = q[:, :, :rows]
         attn = ((q * mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         return attn.mean(dim=1, keepdim=True) if average_heads else attn
 

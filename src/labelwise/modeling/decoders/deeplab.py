@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV2Classifier", "DeepLabV3PlusDecoder", "conv_bn_relu"]
+__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV2Classifier", "DeepLabV3Plus", "DeepLabV3PlusDecoder",
+           "build_deeplabv3plus", "conv_bn_relu"]
 
 
 class DeepLabV2Classifier(nn.Module):
@@ -215,3 +216,104 @@ class DeepLabV3PlusDecoder(nn.Module):
         # (x4 for output stride 16) before the concatenation.
         x = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(self.refine(torch.cat([x, low], dim=1)))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ as a whole (DeepLabV3+ Sec. 3, Fig. 2): backbone -> ASPP + decoder -> logits at input size.
+
+    ``backbone`` is a :class:`labelwise.modeling.backbones.Backbone` (images in [0, 1], it
+    normalises them itself) whose ``features`` are ordered by stride: ``features[0]`` is the
+    low-level map (stride 4: ResNet ``layer1``, EfficientNet stage 2, a ViT's simple-pyramid
+    level 4) and ``features[-1]`` the encoder output (the deepest map, at the output stride).
+    :func:`build_deeplabv3plus` builds such a backbone from a name.
+
+    ``decoder=True``: ``head`` is a :class:`DeepLabV3PlusDecoder` (ASPP on the encoder output,
+    48-channel low-level skip, two 3x3 convs, 1x1 classifier at stride 4). ``decoder=False``:
+    DeepLabV3 (DeepLabV3 Sec. 3.3: ASPP, then "the final 1x1 convolution which generates the
+    final logits"; the "Decoder" column of DeepLabV3+ Table 3), and the backbone's only
+    feature is the encoder output.
+
+    ``forward(x (B, 3, H, W) in [0, 1]) -> logits (B, num_classes, H, W)``: the head's
+    logits are bilinearly upsampled to the input size (DeepLabV3+ Sec. 3.1, the final x4).
+    A ViT created with ``pad_input=True`` sees its input zero-padded to a multiple of the
+    patch size; its logits are then upsampled to the padded size and cropped back.
+
+    The head's convolutions are initialised Kaiming-normal (fan-out, ReLU), BN to (1, 0), as
+    common DeepLabV3+ re-implementations do; the backbone keeps its (pretrained) weights.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, decoder: bool = True, aspp_channels: int = 256,
+                 low_channels: int = 48, rates: Sequence[int] = (6, 12, 18), decoder_channels: int = 256,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.use_decoder = bool(decoder)
+        chans = list(backbone.channels)
+        if self.use_decoder:
+            if len(chans) < 2:
+                raise ValueError("DeepLabV3+ needs a backbone with a low-level and an encoder feature")
+            self.head: nn.Module = DeepLabV3PlusDecoder(chans[-1], chans[0], num_classes, aspp_channels=aspp_channels,
+                                                        low_channels=low_channels, rates=rates,
+                                                        decoder_channels=decoder_channels)
+            self.head.aspp.project[-1] = nn.Dropout(dropout)  # the decoder's ASPP default is 0.1
+        else:
+            self.head = nn.Sequential(ASPP(chans[-1], aspp_channels, rates, dropout=dropout),
+                                      nn.Conv2d(aspp_channels, num_classes, 1))
+        for m in self.head.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def head_logits(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits at the head's resolution (stride 4 with the decoder, the output stride without)."""
+        if self.use_decoder:
+            return self.head(features[-1], features[0])
+        return self.head(features[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        logits = self.head_logits(self.backbone(x).features)
+        p = getattr(self.backbone, "patch_size", None)
+        if p and getattr(self.backbone, "pad_input", False) and (H % p or W % p):
+            Hp, Wp = H + (-H) % p, W + (-W) % p
+            return F.interpolate(logits, size=(Hp, Wp), mode="bilinear", align_corners=False)[..., :H, :W]
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def build_deeplabv3plus(backbone: str, num_classes: int, *, pretrained: bool = False, weights: str | None = None,
+                        output_stride: int = 16, decoder: bool = True, aspp_channels: int = 256,
+                        low_channels: int = 48, rates: Sequence[int] | None = None, decoder_channels: int = 256,
+                        dropout: float = 0.1) -> DeepLabV3Plus:
+    """:class:`DeepLabV3Plus` on any backbone name (alias or timm name, CNN or ViT).
+
+    CNN: timm's ``output_stride`` keyword replaces the strides of the last stages by
+    dilation (DeepLabV3 Sec. 3.2; ResNet ``layer4`` dilated 2 at output stride 16), and only
+    the stride-4 and the deepest stage are kept (everything after it is pruned). ViT: the
+    parameter-free simple pyramid gives the stride-4 and stride-``output_stride`` maps of the
+    last block (inputs of any size: ``pad_input=True``). ``rates`` default to (6, 12, 18)
+    at output stride 16 and are doubled at output stride 8 (DeepLabV3 Sec. 3.3).
+    """
+    from labelwise.modeling.backbones import create_backbone
+    from labelwise.modeling.backbones.registry import resolve_name
+
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    if rates is None:
+        rates = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[output_stride]
+    strides = (4, output_stride) if decoder else (output_stride,)
+    import timm
+
+    from labelwise.modeling.backbones.backbone import _VIT_MODULES
+
+    arch = resolve_name(backbone).timm_name.split(".", 1)[0]
+    is_vit = timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1] in _VIT_MODULES
+    kwargs: dict = {"pad_input": True} if is_vit else ({"output_stride": output_stride} if output_stride < 32 else {})
+    # With dilation several stages share the output stride (ResNet layer3 and layer4 at 16):
+    # the backbone keeps both, DeepLabV3Plus reads the stride-4 level and the deepest one.
+    bb = create_backbone(backbone, pretrained=pretrained and not weights, weights=weights, strides=strides, **kwargs)
+    return DeepLabV3Plus(bb, num_classes, decoder=decoder, aspp_channels=aspp_channels, low_channels=low_channels,
+                         rates=rates, decoder_channels=decoder_channels, dropout=dropout)
