@@ -233,3 +233,22 @@ def test_single_branch_rows_and_bad_switches(cooc, tmp_path):
     api.infer(run, f"voc:{cooc}", "val", tmp_path / "pc", what="seeds", show_progress=False)
     z = np.load(next((tmp_path / "pc").glob("*.npz")))
     assert float(z["bg_threshold"]) == 0.5  # no attention map: the fixed threshold
+
+
+def test_the_whole_pipeline_recipe_runs_end_to_end(tmp_path, monkeypatch):
+    """recipes/cobra.yaml: cobra -> seeds (cnn, vit, fuse) -> CRF masks -> IRN on the fused seeds ->
+    IRN masks -> segmenter on them -> val segmentation, every stage evaluated, one table."""
+    from labelwise.stages.runner import run_recipe
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    res = run_recipe("cobra", tmp_path / "p", show_progress=False, log=lambda m: None,
+                     overrides=["train=8", "val=3", "size=64", "steps=2", "irn_steps=2", "segmenter_steps=2",
+                                "cobra.set=[data.crop_size=64, train.batch_size=4]",
+                                "irn.set=[data.crop_size=64, train.batch_size=4]",
+                                "segmenter.set=[data.crop_size=64, train.batch_size=4]"])
+    rows = {r["label"]: r for r in res["table"]}
+    assert {"seed M_fuse (train)", "IRN masks (train)", "DeepLabV3+ on the IRN + CRF masks (val)"} <= set(rows)
+    assert all(0.0 <= r["miou"] <= 1.0 for r in rows.values())
+    npz = np.load(next((tmp_path / "p" / "seeds_fuse").glob("*.npz")))
+    assert "bg_threshold" in npz.files  # IRN's thresholds come from the seeds, never from ground truth
+    assert json.loads((tmp_path / "p" / "irn" / "run.json").read_text())["inputs"]["seeds"].endswith("seeds_fuse")
