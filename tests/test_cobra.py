@@ -252,3 +252,32 @@ def test_the_whole_pipeline_recipe_runs_end_to_end(tmp_path, monkeypatch):
     npz = np.load(next((tmp_path / "p" / "seeds_fuse").glob("*.npz")))
     assert "bg_threshold" in npz.files  # IRN's thresholds come from the seeds, never from ground truth
     assert json.loads((tmp_path / "p" / "irn" / "run.json").read_text())["inputs"]["seeds"].endswith("seeds_fuse")
+
+
+def test_cls_rows_only_attention_and_ts_cam_coupling_are_the_full_computation():
+    """``attn_rows=1`` (inference) gives exactly the CLS row of the full attention maps, and the ViT seed
+    is ReLU(M_tran) x A_obj with A_obj = CLS -> patch attention averaged over heads, summed over layers."""
+    from labelwise.config import from_dict
+    from labelwise.methods.cobra.config import CoBraConfig
+    from labelwise.methods.cobra.method import seed_maps
+    from labelwise.methods.cobra.model import CoBraNet
+
+    cfg = from_dict(CoBraConfig, {"model": {"vit": "vit_tiny_test", "vit_pretrained": False, "vit_timm_kwargs": {}},
+                                  "cobra": {"cnn": False, "l_cam": False, "l_cap": False, "l_sap": False}})
+    torch.manual_seed(0)
+    net = CoBraNet(cfg, 3, pretrained=False).eval()
+    x = torch.rand(2, 3, 64, 48)
+    bb = net.vit.backbone
+    with torch.no_grad():
+        full = bb(x, return_attn=True, average_heads=True)
+        rows = bb(x, return_attn=True, average_heads=True, attn_rows=1, return_features=False)
+        for a, r in zip(full.attn, rows.attn):
+            assert torch.allclose(a[:, :, :1], r, atol=1e-6)
+        a_obj = torch.stack([a[:, 0, 0, 1:] for a in full.attn]).sum(0).reshape(2, 1, 8, 6)
+        cams = net.vit.cam_head(full.tokens)
+        want = F.interpolate(F.relu(cams) * a_obj, size=(64, 48), mode="bilinear", align_corners=False)
+        want = want / (want.amax(dim=(2, 3), keepdim=True) + 1e-5)
+        got = seed_maps(net, x, [1.0], flip=False)
+    assert torch.allclose(got["vit"], want, atol=1e-5)
+    assert torch.allclose(got["a_obj"], F.interpolate(a_obj, size=(64, 48), mode="bilinear", align_corners=False),
+                          atol=1e-6)

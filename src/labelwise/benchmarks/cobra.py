@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from labelwise.benchmarks import peak_memory
+from labelwise.benchmarks import StepClock, peak_memory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,23 +80,11 @@ def _train_kwargs(method: str, root: Path, preset: str) -> dict:
 
 
 def _measure_train(args, dev) -> dict:
-    import torch
 
     from labelwise.engine import api
 
     method, sets = TRAIN[args.variant]
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def clock(trainer, step):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        if step > args.warmup:
-            times.append(now - last[0])
-        last[0] = now
-        if step == args.warmup and dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    clock = StepClock(dev, args.warmup)
 
     root = Path(args.root)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,9 +92,7 @@ def _measure_train(args, dev) -> dict:
                   overrides=sets + [f"train.batch_size={BATCH}", "train.eval_at_end=false", f"train.device={dev}",
                                     "train.ckpt_every=100000", "train.num_workers=0"],
                   hooks=[clock], show_progress=False, **_train_kwargs(method, root, args.preset))
-    return {"kind": "train", "ms_per_step": 1000 * statistics.median(times), "ms_per_step_min": 1000 * min(times),
-            "ms_per_step_max": 1000 * max(times), "images_per_s": BATCH / statistics.median(times),
-            "batch_size": BATCH, "steps": len(times)}
+    return {"kind": "train", **clock.summary(BATCH)}
 
 
 def _measure_infer(args, dev) -> dict:

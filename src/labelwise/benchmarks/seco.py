@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from labelwise.benchmarks import peak_memory
+from labelwise.benchmarks import StepClock, peak_memory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,18 +58,7 @@ def _measure(args) -> dict:
     torch.set_num_threads(args.threads)
     method, sets = VARIANTS[args.variant]
     dev = resolve_device(args.device)
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def clock(trainer, step):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        if step > args.warmup:
-            times.append(now - last[0])
-        last[0] = now
-        if step == args.warmup and dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    clock = StepClock(dev, args.warmup)
 
     batch = BATCH
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,9 +67,7 @@ def _measure(args) -> dict:
                   overrides=sets + [f"train.batch_size={batch}", "train.eval_at_end=false", f"train.device={dev}",
                                     "train.ckpt_every=100000", "train.num_workers=0"],
                   hooks=[clock], show_progress=False)
-    return {"ms_per_step": 1000 * statistics.median(times), "ms_per_step_min": 1000 * min(times),
-            "ms_per_step_max": 1000 * max(times), "images_per_s": batch / statistics.median(times),
-            "batch_size": batch, "steps": len(times), "device": str(dev), "threads": args.threads,
+    return {**clock.summary(batch), "device": str(dev), "threads": args.threads,
             **peak_memory(dev)}
 
 

@@ -325,3 +325,34 @@ def _collate_values(vals: list) -> Any:
 
 __all__ = ["ToTensors", "Compose", "RandomScale", "RandomHorizontalFlip", "ColorJitter", "ToFloat", "RandomCrop",
            "TrainTransform", "EvalTransform", "MultiCropTransform", "collate"]
+
+
+def seeded_train_transform(data_cfg: Any, fill: Sequence[float], rng: np.random.Generator) -> TrainTransform:
+    """The usual training augmentation of a ``data`` config section (``crop_size``, ``scale_range``,
+    ``flip``, ``color_jitter``), driven by a generator seeded from the sampler's ``rng`` (never the
+    global RNG); crops are padded with ``fill`` (the backbone's mean colour)."""
+    g = torch.Generator()
+    g.manual_seed(int(rng.integers(0, 2 ** 62)))
+    j = data_cfg.color_jitter
+    return TrainTransform(crop_size=data_cfg.crop_size, scale_range=tuple(data_cfg.scale_range),
+                          flip_p=0.5 if data_cfg.flip else 0.0, jitter=(j, j, j, min(j / 4, 0.5)) if j > 0 else None,
+                          fill=fill, generator=g)
+
+
+class ImageInput:
+    """Inference-side (DataLoader workers): ``item["input"]`` = the image as ``3 x H x W`` float in
+    [0, 1], resized so its long side is ``long_side`` (0 = keep), or shrunk so it is at most
+    ``max_size`` (0 = keep)."""
+
+    def __init__(self, max_size: int = 0, long_side: int = 0):
+        self.max_size, self.long_side = int(max_size), int(long_side)
+
+    def __call__(self, item: dict) -> dict:
+        x = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float().div_(255.0)
+        H, W = x.shape[-2:]
+        target = self.long_side or (self.max_size if self.max_size and max(H, W) > self.max_size else 0)
+        if target and target != max(H, W):
+            s = target / max(H, W)
+            x = torch.nn.functional.interpolate(x[None], size=(max(1, round(H * s)), max(1, round(W * s))),
+                                                mode="bilinear", align_corners=False)[0]
+        return {**item, "input": x}

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from labelwise.blocks.cam import cam_to_label, multiscale_cam
+from labelwise.data.transforms import ImageInput
 from labelwise.engine.data import SeededDataset
 from labelwise.engine.method import Method, PredictContext, StepContext, val_shard
 from labelwise.errors import LabelwiseError
@@ -44,36 +45,14 @@ class _CamTrainTransform:
         self.fill = pixel_stats(cfg.model.backbone)[0]  # crops are padded with the backbone's mean colour
 
     def __call__(self, item: dict, rng: np.random.Generator) -> dict:
-        from labelwise.data.transforms import TrainTransform
+        from labelwise.data.transforms import seeded_train_transform
 
-        d = self.cfg.data
         if item.get("tags") is None:
             raise LabelwiseError(f"image {item.get('file_name', item.get('image_id'))} has no image-level tags; the "
                                  "cam method trains on tags (voc/coco masks, ImageSets/Tags, or folder tags.csv)")
-        g = torch.Generator()
-        g.manual_seed(int(rng.integers(0, 2 ** 62)))
-        j = d.color_jitter
-        tf = TrainTransform(crop_size=d.crop_size, scale_range=tuple(d.scale_range), flip_p=0.5 if d.flip else 0.0,
-                            jitter=(j, j, j, min(j / 4, 0.5)) if j > 0 else None, fill=self.fill, generator=g)
-        out = tf({"image": item["image"]})
+        out = seeded_train_transform(self.cfg.data, self.fill, rng)({"image": item["image"]})
         return {"image": out["image"].as_subclass(torch.Tensor),
                 "tags": torch.as_tensor(np.asarray(item["tags"], dtype=np.float32))}
-
-
-class _CamInferTransform:
-    """DataLoader-side: the image as a [0, 1] tensor, shrunk so its long side is <= ``infer.max_size``."""
-
-    def __init__(self, max_size: int):
-        self.max_size = max_size
-
-    def __call__(self, item: dict) -> dict:
-        x = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float().div_(255.0)
-        H, W = x.shape[-2:]
-        if self.max_size and max(H, W) > self.max_size:
-            s = self.max_size / max(H, W)
-            x = F.interpolate(x[None], size=(max(1, round(H * s)), max(1, round(W * s))), mode="bilinear",
-                              align_corners=False)[0]
-        return {**item, "input": x}
 
 
 def _snap(hw, d: int) -> tuple[int, int]:
@@ -154,7 +133,7 @@ class CAMMethod(Method):
             return None
         ds, indices = shard
         metric = SemanticMetric(ctx.info.num_classes, ctx.info.class_names)
-        tf = _CamInferTransform(cfg.infer.max_size)
+        tf = ImageInput(max_size=cfg.infer.max_size)
         for i in indices:
             item = tf(ds[i])
             x = item["input"][None].to(ctx.device)
@@ -165,7 +144,7 @@ class CAMMethod(Method):
 
     # ------------------------------------------------------------------ inference
     def inference_transform(self, cfg, info):
-        return _CamInferTransform(cfg.infer.max_size)
+        return ImageInput(max_size=cfg.infer.max_size)
 
     def predict(self, model, batch, ctx: PredictContext):
         items = batch["items"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from labelwise.blocks.cam import cam_to_label, max_norm
+from labelwise.data.transforms import ImageInput
 from labelwise.engine.data import SeededDataset
 from labelwise.engine.method import Method, PredictContext, StepContext, val_shard
 from labelwise.errors import LabelwiseError
@@ -26,35 +27,14 @@ class _TrainTransform:
         self.fill = pixel_stats(cfg.model.cnn if cfg.cobra.cnn else cfg.model.vit)[0]
 
     def __call__(self, item: dict, rng: np.random.Generator) -> dict:
-        from labelwise.data.transforms import TrainTransform
+        from labelwise.data.transforms import seeded_train_transform
 
         if item.get("tags") is None:
             raise LabelwiseError(f"image {item.get('file_name', item.get('image_id'))} has no image-level tags; cobra "
                                  "trains on tags (voc/coco masks, ImageSets/Tags, or folder tags.csv)")
-        d = self.cfg.data
-        g = torch.Generator()
-        g.manual_seed(int(rng.integers(0, 2 ** 62)))
-        j = d.color_jitter
-        tf = TrainTransform(crop_size=d.crop_size, scale_range=tuple(d.scale_range), flip_p=0.5 if d.flip else 0.0,
-                            jitter=(j, j, j, min(j / 4, 0.5)) if j > 0 else None, fill=self.fill, generator=g)
-        return {"image": tf({"image": item["image"]})["image"].as_subclass(torch.Tensor),
+        out = seeded_train_transform(self.cfg.data, self.fill, rng)({"image": item["image"]})
+        return {"image": out["image"].as_subclass(torch.Tensor),
                 "tags": torch.as_tensor(np.asarray(item["tags"], dtype=np.float32))}
-
-
-class _InferTransform:
-    """DataLoader-side: the image as [0, 1] floats, long side resized to ``infer.size`` when set."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, item: dict) -> dict:
-        x = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float().div_(255.0)
-        if self.size:
-            H, W = x.shape[-2:]
-            s = self.size / max(H, W)
-            x = F.interpolate(x[None], size=(max(1, round(H * s)), max(1, round(W * s))), mode="bilinear",
-                              align_corners=False)[0]
-        return {**item, "input": x}
 
 
 def to_grid(t: torch.Tensor, size) -> torch.Tensor:
@@ -206,7 +186,7 @@ class CoBraMethod(Method):
             return None
         ds, indices = shard
         metric = SemanticMetric(ctx.info.num_classes, ctx.info.class_names)
-        tf = _InferTransform(ctx.cfg.infer.size)
+        tf = ImageInput(long_side=ctx.cfg.infer.size)
         net = ctx.module
         for i in indices:
             item = tf(ds[i])
@@ -218,7 +198,7 @@ class CoBraMethod(Method):
 
     # ------------------------------------------------------------------ inference
     def inference_transform(self, cfg, info):
-        return _InferTransform(cfg.infer.size)
+        return ImageInput(long_side=cfg.infer.size)
 
     def predict(self, model, batch, ctx: PredictContext):
         ic = ctx.cfg.infer

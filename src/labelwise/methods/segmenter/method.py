@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from labelwise import dist
+from labelwise.data.transforms import ImageInput
 from labelwise.engine.data import SeededDataset
 from labelwise.engine.method import Method, PredictContext, StepContext, val_shard
 from labelwise.errors import LabelwiseError
@@ -44,35 +45,13 @@ class _SegTrainTransform:
         self.fill = pixel_stats(cfg.model.backbone)[0]  # crops are padded with the backbone's mean colour
 
     def __call__(self, item: dict, rng: np.random.Generator) -> dict:
-        from labelwise.data.transforms import TrainTransform
+        from labelwise.data.transforms import seeded_train_transform
 
         if item.get("mask") is None:
             raise LabelwiseError(f"image {item.get('file_name', item.get('image_id'))} has no label mask; pass "
                                  "--labels PRED_DIR (label PNGs of labelwise infer RUN --what masks)")
-        d = self.cfg.data
-        g = torch.Generator()
-        g.manual_seed(int(rng.integers(0, 2 ** 62)))
-        j = d.color_jitter
-        tf = TrainTransform(crop_size=d.crop_size, scale_range=tuple(d.scale_range), flip_p=0.5 if d.flip else 0.0,
-                            jitter=(j, j, j, min(j / 4, 0.5)) if j > 0 else None, fill=self.fill, generator=g)
-        out = tf({"image": item["image"], "mask": item["mask"]})
+        out = seeded_train_transform(self.cfg.data, self.fill, rng)({"image": item["image"], "mask": item["mask"]})
         return {"image": out["image"].as_subclass(torch.Tensor), "mask": out["mask"].as_subclass(torch.Tensor)}
-
-
-class _SegInferTransform:
-    """DataLoader-side: the image as a [0, 1] tensor, shrunk so its long side is <= ``infer.max_size``."""
-
-    def __init__(self, max_size: int):
-        self.max_size = max_size
-
-    def __call__(self, item: dict) -> dict:
-        x = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float().div_(255.0)
-        H, W = x.shape[-2:]
-        if self.max_size and max(H, W) > self.max_size:
-            s = self.max_size / max(H, W)
-            x = F.interpolate(x[None], size=(max(1, round(H * s)), max(1, round(W * s))), mode="bilinear",
-                              align_corners=False)[0]
-        return {**item, "input": x}
 
 
 def multiscale_probs(model, x: torch.Tensor, scales, flip: bool = True) -> torch.Tensor:
@@ -151,7 +130,7 @@ class SegmenterMethod(Method):
             return None
         ds, indices = shard
         metric = SemanticMetric(ctx.info.num_classes, ctx.info.class_names)
-        tf = _SegInferTransform(ctx.cfg.infer.max_size)
+        tf = ImageInput(max_size=ctx.cfg.infer.max_size)
         with torch.no_grad():
             for i in indices:
                 item = tf(ds[i])
@@ -165,7 +144,7 @@ class SegmenterMethod(Method):
 
     # ------------------------------------------------------------------ inference
     def inference_transform(self, cfg, info):
-        return _SegInferTransform(cfg.infer.max_size)
+        return ImageInput(max_size=cfg.infer.max_size)
 
     def predict(self, model, batch, ctx: PredictContext):
         ic = ctx.cfg.infer
