@@ -75,6 +75,9 @@ class OAPConfig:
     w_f: float = param(0.6, range=(0.0, 1.0), help="feature-similarity weight (Eq. 4)")
     w_s: float = param(0.4, range=(0.0, 1.0), help="spatial-similarity weight (Eq. 4)")
     min_area: int = param(5, range=(1, None), help="area filter phi, in tokens")
+    min_area_frac: float | None = param(None, range=(0.0, 1.0),
+                                        help="area filter phi as a fraction of the token grid (replaces "
+                                             "min_area when set: phi = max(1, round(frac * h * w)))")
     vote: str = param("sum", choices=("sum", "mean"), help="Eq. 6 literal (sum of member affinities) or normalised")
     edge_update: str = param("adjacent", choices=("adjacent", "literal"), help="Eq. 5 reading")
     semantic_pooling: bool = param(True, help="also produce semantic-level masks")
@@ -92,6 +95,12 @@ class OAPConfig:
 
         if len(self.thresholds) == 0:
             raise LabelwiseError("config key 'thresholds' must list at least one threshold")
+
+    def phi(self, num_tokens: int) -> int:
+        """The area filter in tokens for a grid of ``num_tokens`` tokens."""
+        if self.min_area_frac is None:
+            return int(self.min_area)
+        return max(1, round(self.min_area_frac * num_tokens))
 
 
 @dataclass
@@ -269,7 +278,7 @@ class OnlineAgglomerativePooling(nn.Module):
         in_mean = inside / n
         out_n = n_tok - n
         out_mean = torch.where(out_n > 0, (total - inside) / out_n.clamp(min=1), in_mean)
-        keep = torch.nonzero(n >= self.cfg.min_area).squeeze(1)
+        keep = torch.nonzero(n >= self.cfg.phi(n_tok)).squeeze(1)
         store["layer"].append(torch.full((keep.numel(),), layer, dtype=torch.long, device=keep.device))
         store["node"].append(keep)
         store["img"].append(node_img[keep])
@@ -306,6 +315,7 @@ class OnlineAgglomerativePooling(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(0x0A9)
         tok_hash = torch.randint(0, 1 << 40, (N,), generator=gen).to(dev).repeat(B)  # exact subset hashing
 
+        self.last_stats = {"tokens": S, "instance_nodes": [], "semantic_nodes": []}
         inst = {k: [] for k in ("layer", "node", "img", "area", "hash", "contrast", "feat", "assign")}
         sem = {k: [] for k in inst}
         for t, tau in enumerate(c.thresholds):
@@ -323,6 +333,7 @@ class OnlineAgglomerativePooling(nn.Module):
             pos, smax = self._positions(node_img, B)
             V = self._vote_merged(P, size2, node_img, F, om, V if t > 0 else None)   # V^0 = F: vote all
             S, size = S2, size2
+            self.last_stats["instance_nodes"].append(S)
             self._record(inst, t, tok_assign, size, P, node_img, V, tok_hash, tok_pos, N)
 
             if c.semantic_pooling:                                    # fully connected graph, one step
@@ -340,6 +351,7 @@ class OnlineAgglomerativePooling(nn.Module):
                 sc = self._similarity(V, P, u, v, sf_all[bi, pi, pj], tau)
                 g = connected_components(S, torch.stack([u[sc], v[sc]]), c.cc_backend)
                 g, G = relabel(g)
+                self.last_stats["semantic_nodes"].append(G)
                 gsize = segment_sum(size, g, G)
                 gP = segment_sum(P, g, G, weights=size) / gsize[:, None]
                 gimg = torch.zeros(G, dtype=torch.long, device=dev).scatter_(0, g, node_img)
