@@ -5,8 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import labelwise.blocks.crf as crf_mod
+import labelwise.pseudo.maskcut as mc
+from labelwise.errors import LabelwiseError
 from labelwise.pseudo.maskcut import MaskCut, MaskCutConfig
-from labelwise.pseudo.ncut import bipartition, second_eigenvector
+from labelwise.pseudo.ncut import binary_affinity, bipartition, second_eigenvector
 from labelwise.pseudo.tokencut import TokenCut, TokenCutConfig, default_tau
 
 
@@ -29,6 +32,7 @@ def test_maskcut_finds_the_objects(solver):
     for m, f in zip(r["masks"], found):
         assert torch.equal(m, lab == f.pop())                         # exactly
     assert torch.equal(r["scores"], r["scores"].sort(descending=True).values)
+    assert int(r["masks"].sum(0).max()) == 1                          # pairwise disjoint
 
 
 @pytest.mark.parametrize("solver", ["dense", "lanczos"])
@@ -45,9 +49,10 @@ def test_maskcut_round_limit_and_duplicate_rule():
     lab, keys = _scene(2)
     one = MaskCut(MaskCutConfig(rounds=1))(keys[None])[0]
     assert len(one["masks"]) == 1
-    # min area rule: with a 50% area floor nothing survives
-    none = MaskCut(MaskCutConfig(min_area_frac=0.5))(keys[None])[0]
-    assert len(none["masks"]) == 0
+    # min area rule from round 1 on: with a 50% area floor only round 0 survives (never checked)
+    first = MaskCut(MaskCutConfig(min_area_frac=0.5, crf=False))(keys[None])[0]
+    assert len(first["masks"]) == 1 and first["layers"].tolist() == [0]
+    assert torch.equal(first["masks"][0], one["masks"][0])
 
 
 def test_dense_and_lanczos_eigenvectors_agree():
@@ -97,3 +102,166 @@ def test_postprocess_crf_then_fill_holes():
     no_crf = np.stack([good.copy()])
     MaskCut(MaskCutConfig(crf=False)).postprocess(img, no_crf)
     assert no_crf[0][18:21, 18:21].all()
+
+
+# --------------------------------------------------------------------------- released round rules
+H = W = 10                                                             # 100 tokens: 1 token = 1%
+
+
+def _box(r0, r1, c0, c1):
+    m = np.zeros((H, W), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def _scripted(monkeypatch, masks):
+    """Round r of MaskCut finds ``masks[r]`` (the eigen step is stubbed); returns the list of
+    features each round's affinity saw and the keys to run on."""
+    seen, it = [], iter(masks)
+
+    def affinity(f, tau, eps):
+        seen.append(f.copy())
+        return np.eye(len(f))
+
+    monkeypatch.setattr(mc, "binary_affinity", affinity)
+    monkeypatch.setattr(mc, "second_eigenvector", lambda A, solver: np.arange(len(A), dtype=np.float64))
+    monkeypatch.setattr(mc, "seed_component", lambda part, seed: next(it).copy())
+    keys = torch.randn(1, H, W, 8, generator=torch.Generator().manual_seed(0))
+    return seen, keys
+
+
+def _run(keys, rounds=3):
+    r = MaskCut(MaskCutConfig(rounds=rounds, crf=False))(keys)[0]
+    return r["masks"].numpy(), r["layers"].tolist()
+
+
+def _zero_rows(f):
+    return ~f.any(1).reshape(H, W)
+
+
+def test_maskcut_paints_only_accepted_masks(monkeypatch):
+    a, tiny, b = _box(0, 4, 0, 5), _box(9, 10, 9, 10), _box(5, 9, 5, 9)
+    seen, keys = _scripted(monkeypatch, [a, tiny, b, _box(0, 1, 9, 10)])
+    _, layers = _run(keys, rounds=4)
+    assert layers == [0, 2]                                           # round 1 (1%) and round 3 (1%) rejected
+    assert not _zero_rows(seen[0]).any()
+    assert np.array_equal(_zero_rows(seen[1]), a)
+    assert np.array_equal(_zero_rows(seen[2]), a)                     # the rejected tiny mask is not painted
+    assert np.array_equal(_zero_rows(seen[3]), a | b)
+    assert seen[0].dtype == np.float32
+
+
+def test_maskcut_round0_kept_whatever_its_area(monkeypatch):
+    tiny0, b, tiny2 = _box(0, 1, 0, 1), _box(4, 9, 4, 9), _box(0, 1, 9, 10)
+    _, keys = _scripted(monkeypatch, [tiny0, b, tiny2])
+    masks, layers = _run(keys)
+    assert layers == [0, 1]
+    assert np.array_equal(masks[0], tiny0) and np.array_equal(masks[1], b)
+
+
+@pytest.mark.parametrize("case", ["previous_differs", "previous_rejected", "previous_close"])
+def test_maskcut_iou_only_against_previous_round(monkeypatch, case):
+    a = _box(0, 4, 0, 5)                                              # 20 tokens
+    a2 = _box(0, 5, 0, 5)                                             # IoU(a, a2) = 20/25 = 0.8
+    b = _box(6, 10, 5, 10)                                            # disjoint from both
+    if case == "previous_differs":                                    # round 2 ~ round 0, round 1 elsewhere
+        script, want = [a, b, a2], [0, 1, 2]
+    elif case == "previous_rejected":                                 # round 1 too small -> current = zeros
+        script, want = [a, _box(9, 10, 0, 1), a2], [0, 2]
+    else:                                                             # round 1 ~ round 0 -> rejected
+        script, want = [a, a2, b], [0, 2]
+    _, keys = _scripted(monkeypatch, script)
+    masks, layers = _run(keys)
+    assert layers == want
+    if case == "previous_differs":
+        assert np.array_equal(masks[2], a2 & ~a)                      # kept, minus the earlier masks
+
+
+def test_maskcut_iou_uses_mask_before_overlap_removal(monkeypatch):
+    a, m1 = _box(0, 4, 0, 5), _box(2, 8, 0, 5)                        # IoU 10/40: accepted, emitted rows 4-7
+    m2 = _box(1, 7, 0, 6)                                             # IoU(m1, m2) = 25/41; vs m1 - a: 15/41
+    seen, keys = _scripted(monkeypatch, [a, m1, m2])
+    masks, layers = _run(keys)
+    assert layers == [0, 1]                                           # m2 rejected against m1 as found
+    assert np.array_equal(masks[1], m1 & ~a)
+    assert np.array_equal(_zero_rows(seen[2]), a | m1)
+
+
+def test_maskcut_overlap_removal(monkeypatch):
+    a, b, c = _box(0, 5, 0, 5), _box(3, 8, 3, 8), _box(4, 10, 0, 10)
+    inside = _box(1, 3, 1, 4)                                         # accepted (IoU 6/25) but covered by a
+    _, keys = _scripted(monkeypatch, [a, b, c])
+    masks, layers = _run(keys)
+    assert layers == [0, 1, 2]
+    want = [a, b & ~a, c & ~(a | b)]
+    assert all(np.array_equal(m, w) for m, w in zip(masks, want))
+    assert masks.sum(0).max() == 1                                    # pairwise disjoint
+    _, keys = _scripted(monkeypatch, [a, inside, c])
+    masks, layers = _run(keys)
+    assert layers == [0, 2]                                           # round 1 emptied by the removal
+    assert np.array_equal(masks[1], c & ~a)
+
+
+def test_affinity_similarity_in_float32():
+    g = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1)
+    s32 = (f @ f.T).numpy().astype(np.float64)
+    s64 = f.numpy().astype(np.float64) @ f.numpy().astype(np.float64).T
+    i, j = np.unravel_index(np.argmax(np.where(np.eye(64, dtype=bool), -1, s64 - s32)), s64.shape)
+    assert s64[i, j] > s32[i, j]                                      # a pair where the precisions disagree
+    tau = float(s32[i, j])                                            # float32 cosine == tau: not above
+    A = binary_affinity(f.numpy(), tau)
+    assert A.dtype == np.float64 and A[i, j] == 1e-5
+    assert np.array_equal(A, np.where(s32 > tau, 1.0, 1e-5))
+    assert np.array_equal(binary_affinity(f.numpy().astype(np.float64), tau), A)
+    keys = torch.randn(2, 4, 4, 8, generator=g)
+    assert TokenCut()._prep(keys).dtype == np.float32
+
+
+def test_maskcut_crf_default_follows_the_package(monkeypatch):
+    from labelwise.pseudo.common import build_method, resolve_pseudo_config
+
+    if not crf_mod.crf_available():
+        pytest.skip("pydensecrf2 not installed")
+    assert MaskCut(MaskCutConfig()).crf is True                      # on when installed, as released
+    assert MaskCut(MaskCutConfig(crf=False)).crf is False
+    assert build_method("maskcut", resolve_pseudo_config("maskcut", ["maskcut.crf=false"])).impl.crf is False
+    assert build_method("maskcut", resolve_pseudo_config("maskcut")).impl.crf is True
+    monkeypatch.setattr(crf_mod, "crf_available", lambda: False)
+    assert MaskCut(MaskCutConfig()).crf is False
+    with pytest.raises(LabelwiseError) as e:
+        MaskCut(MaskCutConfig(crf=True))
+    msg = str(e.value)
+    assert "\n" not in msg and "maskcut.crf" in msg and "pip install pydensecrf2" in msg
+
+
+def test_maskcut_crf_off_never_calls_the_crf(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("dense_crf called with the CRF off")
+
+    monkeypatch.setattr(crf_mod, "dense_crf", boom)
+    m = _box(2, 8, 2, 8)
+    m[4:6, 4:6] = False
+    masks = m[None].copy()
+    keep = MaskCut(MaskCutConfig(crf=False)).postprocess(np.zeros((H, W, 3), np.uint8), masks)
+    assert keep.all() and np.array_equal(masks[0], _box(2, 8, 2, 8))
+
+
+def test_maskcut_crf_unary_is_the_released_softmax(monkeypatch):
+    seen = {}
+
+    def fake(image, probs, **kw):
+        seen.update(probs=probs, **kw)
+        return np.stack([1.0 - probs[1], probs[1]])                   # identity refinement
+
+    monkeypatch.setattr(crf_mod, "crf_available", lambda: True)
+    monkeypatch.setattr(crf_mod, "dense_crf", fake)
+    m = _box(2, 8, 2, 8)
+    masks = m[None].copy()
+    keep = MaskCut(MaskCutConfig(crf=True)).postprocess(np.zeros((H, W, 3), np.uint8), masks)
+    e = np.exp(1.0)
+    assert np.allclose(seen["probs"][1][m], e / (1 + e)) and np.allclose(seen["probs"][1][~m], 1 / (1 + e))
+    assert np.allclose(seen["probs"].sum(0), 1.0)
+    assert (seen["iters"], seen["pos_xy"], seen["pos_w"], seen["bi_xy"], seen["bi_rgb"], seen["bi_w"]) == \
+        (10, 3.0, 7.0, 50.0, 5.0, 10.0)
+    assert keep.all() and np.array_equal(masks[0], m)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from labelwise.pseudo.oap.graph import cc_scipy, cc_torch, connected_components
-from labelwise.pseudo.oap.pooling import OnlineAgglomerativePooling, grid_edges
+from labelwise.pseudo.oap.pooling import Keys, OnlineAgglomerativePooling, grid_edges
 
 
 def _layout(h=16, w=16):
@@ -149,10 +149,9 @@ def test_vote_sum_vs_mean_follow_eq6():
     P = (M @ A) / M.sum(1, keepdim=True)
     size = M.sum(1)
     img = torch.zeros(3, dtype=torch.long)
-    pos = torch.arange(3)
     for vote, logits in (("sum", M @ A), ("mean", P)):
         oap = OnlineAgglomerativePooling(vote=vote, sigma=0.07)
-        got = oap._vote(P, size, img, pos, Fk, 3)
+        got = oap.vote(P, size, img, Keys(F=Fk))
         want = F.normalize(torch.softmax(logits / 0.07, -1) @ Fk[0], dim=-1)
         torch.testing.assert_close(got, want)
 
@@ -182,11 +181,11 @@ def test_dedup_unique_counts_persistence_and_iou_dedup():
     assert len(_as_sets(uniq.masks)) == len(uniq)                          # no exact duplicates left
     assert _as_sets(allm.masks) == _as_sets(uniq.masks)
     assert int(uniq.persistence.sum()) == len(allm)                        # every copy counted once
-    loose = OnlineAgglomerativePooling(dedup_iou=0.5)(keys)[0].instance
+    loose = OnlineAgglomerativePooling(nms_iou=0.5)(keys)[0].instance
     assert len(loose) <= len(uniq)
 
 
-@pytest.mark.parametrize("score", ["contrast", "persistence", "area", "contrast_persistence"])
+@pytest.mark.parametrize("score", ["contrast", "contrast_self", "persistence", "area", "contrast_persistence"])
 def test_scores_rank_masks(score):
     res = OnlineAgglomerativePooling(score=score)(_keys(_layout())[None])[0].instance
     assert torch.equal(res.scores, res.scores.sort(descending=True).values)
@@ -221,13 +220,13 @@ def test_vote_reuse_equals_full_vote(vote, monkeypatch):
     smooth[1] = smooth[1].flip(0) * 2 + 0.3 * torch.randn(20, 20, 16, generator=g)   # different content
     rnd = torch.randn(2, 12, 12, 8, generator=g)
     voted = []
-    orig = OnlineAgglomerativePooling._vote
+    orig = OnlineAgglomerativePooling.vote
 
     def counting(self, P, *args):
         voted.append(P.shape[0])
         return orig(self, P, *args)
 
-    monkeypatch.setattr(OnlineAgglomerativePooling, "_vote", counting)
+    monkeypatch.setattr(OnlineAgglomerativePooling, "vote", counting)
     for keys in (synthetic, smooth, rnd):
         for kw in ({}, {"min_area": 1, "dedup": "all"}):
             voted.clear()

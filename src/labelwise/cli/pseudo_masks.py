@@ -21,11 +21,13 @@ EPILOG = """examples:
       --set oap.thresholds=[0.9,0.8,0.7] oap.vote=mean --clusters 27 --cluster-maps maps/
   torchrun --nproc_per_node=4 -m labelwise pseudo-masks oap --images imgs/ --out oap.json --weights W.pth
 
---set keys (dotted): oap.{thresholds,sigma,w_f,w_s,min_area,vote,edge_update,semantic_pooling,
-  center_features,dedup,dedup_iou,score,cc_backend}; maskcut.{tau,eps,rounds,solver,center,crf,
-  fill_holes,crf_iou,max_iou,min_area_frac}; tokencut.{tau,eps,solver,center};
+--set keys (dotted): oap.{thresholds,sigma,w_f,w_s,min_area,min_area_frac,vote,edge_update,
+  semantic_pooling,center_features,dedup,nms_iou,score,impl,affinity,profiles,...}; maskcut.{tau,eps,
+  rounds,solver,center,crf,fill_holes,crf_iou,max_iou,min_area_frac}; tokencut.{tau,eps,solver,center};
   features.{backbone,weights,resolution,grid,batch_size,num_workers}; levels; cluster.{k,seed}.
-unreadable images are listed in FILE.skipped.txt (not fatal)."""
+maskcut: the dense CRF post-processing is on when pydensecrf2 is installed, as released
+  (--set maskcut.crf=false for the raw cut). unreadable images are listed in FILE.skipped.txt.
+see the masks: labelwise show FILE.json --images DIR --out DIR"""
 
 
 def register(subparsers, name: str, help: str) -> None:

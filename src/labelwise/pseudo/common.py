@@ -151,6 +151,8 @@ def build_method(method: str, cfg: PseudoMaskConfig) -> Callable:
 
     run.impl = impl  # type: ignore[attr-defined]
     run.config = to_dict(getattr(cfg, method))  # type: ignore[attr-defined]
+    if method == "maskcut":                               # what ran, not "auto": a resume elsewhere must match
+        run.config["crf"] = bool(impl.crf)  # type: ignore[attr-defined]
     return run
 
 

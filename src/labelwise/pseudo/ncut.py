@@ -1,7 +1,9 @@
 """Normalised-cut primitives shared by TokenCut and MaskCut (as released with CutLER).
 
-* affinity: cosine similarity of L2-normalised tokens, binarised ``A > tau`` -> 1, else
-  ``eps`` (1e-5);
+* affinity: cosine similarity of L2-normalised tokens computed in float32 (the release
+  multiplies its torch float32 features), binarised ``sim > tau`` -> 1, else ``eps`` (1e-5),
+  as a float64 matrix (the release's ``np.where(..., eps, A)`` yields float64), so the
+  eigenproblem below runs in float64;
 * the second-smallest generalised eigenvector of ``(D - A, D)``:
   ``solver="dense"`` is the released ``scipy.linalg.eigh(D - A, D)`` (faithful, slow);
   ``solver="lanczos"`` solves the equivalent symmetric problem: with ``y = D^1/2 x``,
@@ -19,14 +21,22 @@ import numpy as np
 import scipy.linalg
 import scipy.ndimage
 import scipy.sparse.linalg
+import torch
 
 __all__ = ["binary_affinity", "second_eigenvector", "bipartition", "seed_component", "num_fg_corners"]
 
 
 def binary_affinity(feats: np.ndarray, tau: float, eps: float = 1e-5) -> np.ndarray:
-    """``(N, N)`` affinity of L2-normalised ``feats`` (N, D): 1 where cosine > tau, else eps."""
-    sim = feats @ feats.T
-    return np.where(sim > tau, 1.0, eps).astype(np.float64)
+    """``(N, N)`` float64 affinity of L2-normalised ``feats`` (N, D): 1 where cosine > tau, else eps.
+
+    The similarity is a torch float32 product, as in the release: pairs whose cosine lies
+    within float32 rounding of ``tau`` land on the same side of the threshold as there
+    (a float64 product may flip them, and with them the cut). Zeroed (painted) rows have
+    cosine 0 with everything, so for ``tau >= 0`` they are ``eps`` rows.
+    """
+    f = torch.as_tensor(np.ascontiguousarray(feats), dtype=torch.float32)
+    sim = (f @ f.T).numpy()
+    return np.where(sim > tau, 1.0, eps)
 
 
 def second_eigenvector(A: np.ndarray, solver: str = "dense") -> np.ndarray:

@@ -1,6 +1,7 @@
 """TokenCut (Wang et al. 2023b) as released: one salient object per image by normalised cut.
 
-Binary affinity at ``tau`` (0.2 for DINO keys) with ``eps`` 1e-5, second-smallest
+Binary affinity at ``tau`` (0.2 for DINO keys) with ``eps`` 1e-5 (cosine similarity in
+float32 as released, see :func:`~labelwise.pseudo.ncut.binary_affinity`), second-smallest
 generalised eigenvector of ``(D - A, D)``, bipartition at its mean, seed ``argmax |v|``,
 flip when the seed is outside, keep the connected component containing the seed.
 ``tau=None`` picks the per-backbone default (:func:`default_tau`).
@@ -54,12 +55,17 @@ class TokenCut:
         self.center = self.cfg.center if self.cfg.center is not None else default_center(backbone)
 
     def _prep(self, keys: torch.Tensor) -> np.ndarray:
+        """Keys (B, h, w, D) -> L2-normalised float32 tokens (B, h*w, D), optionally centred.
+
+        Kept in float32: the release normalises and multiplies its torch float32 features,
+        and the binary graph depends on which side of ``tau`` each cosine falls.
+        """
         x = keys.detach().float().cpu()
         B, h, w, D = x.shape
         x = x.reshape(B, h * w, D)
         if self.center:
             x = x - x.mean(1, keepdim=True)
-        return Fn.normalize(x, dim=-1).numpy().astype(np.float64)
+        return Fn.normalize(x, dim=-1).numpy()
 
     def __call__(self, keys: torch.Tensor) -> list[dict]:
         B, h, w, _ = keys.shape

@@ -10,16 +10,22 @@ backend:
   ops over the edge list — runs on any device (the GPU path);
 * ``scipy``: ``scipy.sparse.csgraph.connected_components`` (the CPU path; the paper's
   "SCC" on an undirected graph is plain connected components).
+
+:func:`cc_fixed_rounds` runs the ``torch`` algorithm for a fixed number of rounds and returns a
+device-side convergence flag instead of testing for the fixpoint on the host (the static,
+synchronisation-free OAP path).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import torch
 
-__all__ = ["connected_components", "cc_torch", "cc_scipy", "canonical_labels", "segment_sum", "relabel"]
+__all__ = ["connected_components", "cc_torch", "cc_scipy", "canonical_labels", "segment_sum", "relabel",
+           "cc_fixed_rounds"]
 
 
 def canonical_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -110,3 +116,46 @@ def segment_sum(values: torch.Tensor, index: torch.Tensor, num: int,
     out = torch.zeros((num,) + tuple(values.shape[1:]), dtype=values.dtype, device=values.device)
     out.index_add_(0, index, values)
     return out
+
+
+def cc_fixed_rounds(num_nodes: int, edges: torch.Tensor, active_mask: torch.Tensor | None = None,
+                    rounds: int | None = None, jumps: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Connected components in a FIXED number of rounds, without any host synchronisation.
+
+    The same min-label hooking as :func:`cc_torch` (every node and its current root take the
+    smallest label among their neighbours, both edge directions) followed by ``jumps`` pointer
+    jumps, repeated ``rounds`` times — a fixed op sequence whatever the graph (CUDA-graph
+    friendly). ``edges`` is ``(2, E)``; ``active_mask (E,)`` (bool) selects the edges that count
+    (inactive edges become self-loops, so shapes stay fixed).
+
+    Returns ``(labels, converged)``: ``converged`` is a 0-dim bool tensor on the device, true iff
+    every active edge joins equal labels and every label is a fixed point (``lab[lab] == lab``).
+    Labels always stay inside the node's component and never increase, so when ``converged``
+    is true each label is the smallest node id of its component — identical to
+    :func:`cc_scipy` / :func:`cc_torch`. When it is false the labels are a valid but incomplete
+    merge (the caller must not use them as components).
+
+    Defaults: ``jumps = ceil(log2(num_nodes))``, ``rounds = 2 * ceil(log2(num_nodes)) + 2``.
+    """
+    device = edges.device
+    lab = torch.arange(num_nodes, device=device)
+    if num_nodes == 0 or edges.numel() == 0:
+        return lab, torch.ones((), dtype=torch.bool, device=device)
+    lg = max(1, math.ceil(math.log2(max(num_nodes, 2))))
+    rounds = 2 * lg + 2 if rounds is None else int(rounds)
+    jumps = lg if jumps is None else int(jumps)
+    u, v = edges[0], edges[1]
+    if active_mask is not None:
+        v = torch.where(active_mask, v, u)                     # inactive edge -> self-loop: no effect
+    uu = torch.cat([u, v])
+    vv = torch.cat([v, u])
+    for _ in range(rounds):                                    # fixed number of rounds, no early exit
+        lv = lab[vv]
+        new = lab.scatter_reduce(0, uu, lv, reduce="amin")     # hook node to smallest neighbour label
+        new.scatter_reduce_(0, lab[uu], lv, reduce="amin")     # hook its root too
+        for _ in range(jumps):                                 # pointer jumping
+            new = new[new]
+        lab = new
+    converged = (lab[uu] == lab[vv]).all() & (lab[lab] == lab).all()
+    return lab, converged
