@@ -2,8 +2,10 @@
 
 CAM head and multi-scale CAM inference (:mod:`.cam`), dense CRF (:mod:`.crf`, optional
 ``pydensecrf2``), EMA teacher (:mod:`.ema`), FIFO memory bank (:mod:`.memory_bank`),
-contrastive losses (:mod:`.contrastive`), prototype EMA bank (:mod:`.prototypes`) and
-Hungarian matching (:mod:`.matching`, imported on first use).
+contrastive losses (:mod:`.contrastive`), prototype EMA bank (:mod:`.prototypes`),
+Hungarian matching and cropped per-level matching (:mod:`.matching`, imported on first use),
+Mask2Former's point-sampled mask losses and matching costs (:mod:`.mask_losses`) and DINO-style
+self-distillation with a centre (:mod:`.self_distill`).
 """
 
 from __future__ import annotations

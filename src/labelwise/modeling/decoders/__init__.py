@@ -1,7 +1,9 @@
 """Segmentation decoders shared by the methods.
 
-Now: DeepLabV3 ASPP and the DeepLabV3+ decoder (``deeplab.py``). Planned: Mask2Former and
-kMaX-DeepLab pixel / transformer decoders.
+DeepLabV3 ASPP and the DeepLabV3+ decoder (``deeplab.py``); Mask2Former's parts in pure PyTorch:
+multi-scale deformable attention (``msdeform.py``, no compiled extension), the multi-scale
+deformable-attention pixel decoder (``pixel_decoder.py``) and the masked-attention transformer
+decoder with level-tagged (semantic / instance) queries (``mask2former.py``). Planned: kMaX-DeepLab.
 """
 
 from labelwise.modeling.decoders.deeplab import (
@@ -11,5 +13,10 @@ from labelwise.modeling.decoders.deeplab import (
     DeepLabV2Classifier,
     DeepLabV3PlusDecoder,
 )
+from labelwise.modeling.decoders.mask2former import MultiScaleMaskedTransformerDecoder, masked_attention_mask
+from labelwise.modeling.decoders.msdeform import MSDeformAttn, ms_deform_attn
+from labelwise.modeling.decoders.pixel_decoder import MSDeformAttnPixelDecoder, PositionEmbeddingSine
 
-__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV2Classifier", "DeepLabV3PlusDecoder"]
+__all__ = ["ASPP", "ASPPConv", "ASPPPooling", "DeepLabV2Classifier", "DeepLabV3PlusDecoder",
+           "MultiScaleMaskedTransformerDecoder", "masked_attention_mask", "MSDeformAttn", "ms_deform_attn",
+           "MSDeformAttnPixelDecoder", "PositionEmbeddingSine"]

@@ -616,7 +616,6 @@ class OnlineAgglomerativePooling(nn.Module):
         phi = c.phi(N)
         gen = torch.Generator(device="cpu").manual_seed(0x0A9)
         tok_hash = torch.randint(0, 1 << 40, (N,), generator=gen).to(dev).repeat(B)   # exact subset hashing
-        tok_pos = torch.arange(N, device=dev).repeat(B)
         cols = {k: [] for k in ("layer", "node", "img", "area", "hash", "in", "in_self", "out", "feat")}
         for t, r in enumerate(records):
             S = r.size.numel()
