@@ -248,3 +248,22 @@ def test_compact_op_count_does_not_grow_with_supernodes():
         nodes.append(oap.last_stats["instance_nodes"][0])
     assert nodes[1] > 5 * nodes[0]
     assert abs(counts[0] - counts[1]) <= 0.1 * counts[0], counts
+
+
+@pytest.mark.parametrize("vote", ["sum", "mean"])
+def test_vote_embeddings_reproduce_the_mask_features(vote):
+    from labelwise.pseudo.oap.pooling import vote_embeddings
+
+    keys = _cases()["regions"]
+    oap = OnlineAgglomerativePooling(vote=vote, center_features=True)
+    res = oap(keys[None])[0]
+    K, A = oap.prepare(keys[None])
+    for lvl in ("instance", "semantic"):
+        ms = res.level(lvl)
+        got = vote_embeddings(ms.masks.reshape(len(ms), -1), A[0], K.F[0], oap.cfg.sigma, vote)
+        torch.testing.assert_close(got, ms.features, atol=2e-5, rtol=1e-4)
+    # another feature space: the same vote weights applied to X
+    X = torch.randn(keys.shape[0] * keys.shape[1], 7)
+    e = vote_embeddings(res.instance.masks.reshape(len(res.instance), -1), A[0], X, oap.cfg.sigma, vote)
+    assert e.shape == (len(res.instance), 7)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(len(e)))

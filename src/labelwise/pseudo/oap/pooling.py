@@ -80,7 +80,7 @@ from torch import nn
 from labelwise.config import from_dict, param
 from labelwise.pseudo.oap.graph import connected_components, relabel, segment_sum
 
-__all__ = ["OAPConfig", "MaskSet", "OAPImageResult", "OnlineAgglomerativePooling", "LayerRecord", "Keys",
+__all__ = ["OAPConfig", "MaskSet", "OAPImageResult", "OnlineAgglomerativePooling", "LayerRecord", "Keys", "vote_embeddings",
            "grid_edges", "gram", "nms_keep"]
 
 SCORES = ("contrast", "contrast_self", "persistence", "contrast_persistence", "area")
@@ -690,3 +690,19 @@ def _empty_set(h: int, w: int, D: int, device: Any) -> MaskSet:
     return MaskSet(masks=torch.zeros(0, h, w, dtype=torch.bool, device=device),
                    features=torch.zeros(0, D, device=device), scores=torch.zeros(0, device=device),
                    layers=z, persistence=z.clone(), areas=z.clone())
+
+
+def vote_embeddings(masks: torch.Tensor, A: torch.Tensor, X: torch.Tensor, sigma: float = 0.07,
+                    vote: str = "sum") -> torch.Tensor:
+    """Eq. 6 for given masks of one image, in any per-token feature space.
+
+    ``masks (K, N)`` bool, ``A (N, N)`` the image's affinity, ``X (N, C)`` per-token features:
+    ``L2N{softmax(M_i A / σ) X}`` (``vote="mean"``: ``M_i A / |M_i|``). With ``X = F`` this is the
+    supernode feature OAP gives every mask; OAP training uses it with the teacher's own pixel
+    features, so that teacher mask embeddings live where the student's queries live."""
+    M = masks.to(A.dtype)
+    logits = M @ A
+    if vote == "mean":
+        logits = logits / M.sum(1, keepdim=True).clamp(min=1)
+    W = torch.softmax(logits / sigma, dim=-1)
+    return Fn.normalize(W @ X.to(W.dtype), dim=-1)
