@@ -155,6 +155,19 @@ class Backbone(nn.Module):
         (what :meth:`forward` does first; exposed for feeding the raw timm model)."""
         return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
 
+    def pad_to_patch(self, x: Tensor) -> Tensor:
+        """A normalised ViT input whose size is a multiple of the patch size: as is, zero-padded at
+        the bottom / right with ``pad_input=True``, else a one-line error."""
+        p = self.patch_size
+        H, W_ = x.shape[-2:]
+        if H % p or W_ % p:
+            if not self.pad_input:
+                raise LabelwiseError(
+                    f"backbone '{self.name}': input size {H}x{W_} is not a multiple of the patch size {p}; "
+                    f"resize or crop to a multiple of {p}, or create the backbone with pad_input=True")
+            x = F.pad(x, (0, (-W_) % p, 0, (-H) % p))
+        return x
+
     def _layer_index(self, i: int, n: int, what: str) -> int:
         j = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= j < n:
@@ -198,14 +211,8 @@ class Backbone(nn.Module):
                      return_features=True):
         m = self.model
         p = self.patch_size
+        x = self.pad_to_patch(x)
         H, W_ = x.shape[-2:]
-        if H % p or W_ % p:
-            if not self.pad_input:
-                raise LabelwiseError(
-                    f"backbone '{self.name}': input size {H}x{W_} is not a multiple of the patch size {p}; "
-                    f"resize or crop to a multiple of {p}, or create the backbone with pad_input=True")
-            x = F.pad(x, (0, (-W_) % p, 0, (-H) % p))
-            H, W_ = x.shape[-2:]
         h, w = H // p, W_ // p
         depth, npt = self.depth, self.num_prefix_tokens
         blk = {i: self._layer_index(i, depth, "block") for i in return_blocks}

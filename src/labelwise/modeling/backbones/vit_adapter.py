@@ -388,14 +388,8 @@ class ViTAdapter(nn.Module):
         vit, m = self.vit, self.vit.model
         x = vit.normalize(x)
         p = self.patch_size
+        x = vit.pad_to_patch(x)                      # as Backbone: identical ViT input
         H, W_ = x.shape[-2:]
-        if H % p or W_ % p:
-            if not vit.pad_input:
-                raise LabelwiseError(
-                    f"backbone '{self.name}': input size {H}x{W_} is not a multiple of the patch size {p}; "
-                    f"resize or crop to a multiple of {p}, or create the backbone with pad_input=True")
-            x = F.pad(x, (0, (-W_) % p, 0, (-H) % p))  # as Backbone: identical ViT input
-            H, W_ = x.shape[-2:]
         h, w = H // p, W_ // p
         B, P, dev = x.shape[0], self.num_prefix_tokens, x.device
 
