@@ -19,12 +19,18 @@ import tempfile
 from pathlib import Path
 
 import torch
-from threadpoolctl import threadpool_limits
 
+from labelwise.benchmarks.oap import pinned_threads
 from labelwise.data.synth import generate
 from labelwise.evaluation import evaluate
 from labelwise.io import atomic_write_text, list_images, read_image
-from labelwise.pseudo.common import FeatureExtractor, build_method, mask_records, resolve_pseudo_config, upsample_masks
+from labelwise.pseudo.common import (
+    FeatureExtractor,
+    build_method,
+    mask_records,
+    resolve_pseudo_config,
+    upsample_masks,
+)
 from labelwise.pseudo.oap.pooling import SCORES
 from labelwise.pseudo.runner import _subset
 
@@ -38,9 +44,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the table here")
     args = ap.parse_args()
     os.environ.setdefault("LABELWISE_NO_PROGRESS", "1")
-    torch.set_num_threads(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, threadpool_limits(args.threads):
+    with tempfile.TemporaryDirectory() as tmp, pinned_threads(args.threads):
         root = Path(tmp) / "objects"
         generate("objects", root, n_train=args.train, n_val=1, size=224, seed=0)
         files = list_images(root / "images" / "train")

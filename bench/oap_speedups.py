@@ -18,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from threadpoolctl import threadpool_limits
-
+from labelwise.benchmarks.oap import pinned_threads
 from labelwise.data.synth import generate
 from labelwise.io import atomic_write_text, list_images, read_image
 from labelwise.pseudo.common import FeatureExtractor
@@ -55,9 +53,8 @@ def main() -> None:
         generate("objects", root, n_train=1, n_val=3, size=224, seed=0)
         imgs = [read_image(p) for p in list_images(root / "images" / "val")]
         keys = FeatureExtractor("efficientnet_lite0", None, args.grid * 32, "cpu")(imgs)
-    torch.set_num_threads(args.threads)
     rows, ref = [], None
-    with threadpool_limits(args.threads):
+    with pinned_threads(args.threads):
         for mode in ("dense", "symmetric", "sparse"):
             oap = OnlineAgglomerativePooling(center_features=True, affinity=mode)
             med, lo, hi = _time(oap, [keys[i:i + 1] for i in range(3)])

@@ -81,6 +81,7 @@ from labelwise.config import from_dict, param
 from labelwise.pseudo.oap.graph import connected_components, relabel, segment_sum
 
 __all__ = ["OAPConfig", "MaskSet", "OAPImageResult", "OnlineAgglomerativePooling", "LayerRecord", "Keys", "vote_embeddings",
+           "vote_weights",
            "grid_edges", "gram", "nms_keep"]
 
 SCORES = ("contrast", "contrast_self", "persistence", "contrast_persistence", "area")
@@ -197,10 +198,6 @@ class Keys:
     mu: torch.Tensor | None = None        # (B, 1, D) per-image mean (None: not centred)
     inv_norm: torch.Tensor | None = None  # (B, N)
 
-    @property
-    def sparse(self) -> bool:
-        return self.x is not None
-
 
 def grid_edges(h: int, w: int, batch: int = 1, device: Any = None) -> torch.Tensor:
     """4-neighbourhood edges of a ``batch`` of h x w grids, node ids offset by ``b * h * w``:
@@ -277,6 +274,14 @@ def weighted_keys(W: torch.Tensor, keys: Keys, img: torch.Tensor) -> torch.Tenso
     return torch.bmm(pad, F)[img, pos]
 
 
+def vote_weights(P: torch.Tensor, size: torch.Tensor, sigma: float, vote: str = "sum") -> torch.Tensor:
+    """Eq. 6's ``softmax(M_i A / σ)`` from profile rows ``P = M_i A / |M_i|`` and sizes ``|M_i|``:
+    ``vote="sum"`` (literal, binary ``M_i``) multiplies back by ``|M_i|``, ``"mean"`` keeps the
+    normalised profile."""
+    logits = P * size[:, None] if vote == "sum" else P
+    return torch.softmax(logits / sigma, dim=-1)
+
+
 def _positions(node_img: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
     counts = torch.bincount(node_img, minlength=B)
     starts = torch.cumsum(counts, 0) - counts
@@ -344,10 +349,12 @@ class OnlineAgglomerativePooling(nn.Module):
         return k, gram(k, mode, c.block)
 
     # ------------------------------------------------------------------ identify (Eqs. 2-4)
-    def _spatial(self, P: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Eq. 3 for the pairs (u[k], v[k]), in memory chunks."""
+    def _spatial(self, P: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                 chunk_elems: int | None = None) -> torch.Tensor:
+        """Eq. 3 for the pairs (u[k], v[k]), in memory chunks of ``chunk_elems`` (default
+        ``cfg.chunk_elems``); no host synchronisation (the static path uses it too)."""
         n_tok = P.shape[1]
-        step = max(1, self.cfg.chunk_elems // max(n_tok, 1))
+        step = max(1, (chunk_elems or self.cfg.chunk_elems) // max(n_tok, 1))
         ss = torch.empty(u.numel(), dtype=P.dtype, device=P.device)
         for s in range(0, u.numel(), step):                     # memory chunks, not edges
             d = torch.index_select(P, 0, u[s:s + step])
@@ -416,10 +423,8 @@ class OnlineAgglomerativePooling(nn.Module):
 
     # ------------------------------------------------------------------ Eq. 6
     def vote(self, P: torch.Tensor, size: torch.Tensor, node_img: torch.Tensor, keys: Keys) -> torch.Tensor:
-        """``L2N{softmax(M_i A / σ) F}`` for profile rows ``P = M_i A / |M_i|`` (``vote="sum"``
-        multiplies back by ``|M_i|``; ``"mean"`` keeps the normalised profile)."""
-        logits = P * size[:, None] if self.cfg.vote == "sum" else P
-        W = torch.softmax(logits / self.cfg.sigma, dim=-1)
+        """``L2N{softmax(M_i A / σ) F}`` for profile rows ``P = M_i A / |M_i|``."""
+        W = vote_weights(P, size, self.cfg.sigma, self.cfg.vote)
         return Fn.normalize(weighted_keys(W, keys, node_img), dim=-1)
 
     # ------------------------------------------------------------------ merge helpers
@@ -701,8 +706,6 @@ def vote_embeddings(masks: torch.Tensor, A: torch.Tensor, X: torch.Tensor, sigma
     supernode feature OAP gives every mask; OAP training uses it with the teacher's own pixel
     features, so that teacher mask embeddings live where the student's queries live."""
     M = masks.to(A.dtype)
-    logits = M @ A
-    if vote == "mean":
-        logits = logits / M.sum(1, keepdim=True).clamp(min=1)
-    W = torch.softmax(logits / sigma, dim=-1)
+    size = M.sum(1).clamp(min=1)
+    W = vote_weights((M @ A) / size[:, None], size, sigma, vote)
     return Fn.normalize(W @ X.to(W.dtype), dim=-1)

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as Fn
 
 from labelwise.pseudo.oap.graph import cc_fixed_rounds
-from labelwise.pseudo.oap.pooling import Keys, LayerRecord, grid_edges
+from labelwise.pseudo.oap.pooling import Keys, LayerRecord, grid_edges, vote_weights
 
 __all__ = ["CC_JUMPS", "CC_ROUNDS", "STATIC_CAPACITY", "STATIC_CHUNK_ELEMS", "STATIC_PAIRS", "StaticResult",
            "cc_jumps", "nonzero_static", "pool_static", "static_layers"]
@@ -189,29 +189,28 @@ def static_layers(pool, K: Keys, A: torch.Tensor, h: int, w: int, *, capacity: i
             sf = (V[eu] * V[ev]).sum(-1)                              # Eq. 2
             contract = (eu != ev) & (c.w_f * sf + c.w_s > tau)
             if c.w_s > 0:
-                ss = _spatial(P, eu, ev, chunk_elems)                 # Eq. 3
+                ss = pool._spatial(P, eu, ev, chunk_elems)            # Eq. 3
                 contract = contract & (c.w_f * sf + c.w_s * ss > tau)  # Eq. 4
             lab, conv = cc_fixed_rounds(BC, torch.stack([eu, ev]), contract, rounds, jumps_node)
             flag("cc_rounds", ~conv)
             assign = lab[assign]
             size, P, V = _merge(pool, lab, size, P, V, F, B, C, revote_all=not c.reuse_votes)
         res.inst_nodes.append((size > 0).sum())
-        res.inst.append(LayerRecord(assign, size, node_img, V, *_stats(P, assign, tok_pos, diag, BC)))
+        res.inst.append(LayerRecord(assign, size, node_img, V, *pool._stats(P, assign, tok_pos, diag, BC)))
 
         if c.semantic_pooling:                                        # fully connected graph, one step
             gl = _semantic_groups(pool, P, V, size, B, C, tau, pairs, rounds, jumps_node, chunk_elems, flag)
             gsize, gP, gV = _merge(pool, gl, size, P, V, F, B, C, revote_all=False)
             gassign = gl[assign]
             res.sem_nodes.append((gsize > 0).sum())
-            res.sem.append(LayerRecord(gassign, gsize, node_img, gV, *_stats(gP, gassign, tok_pos, diag, BC)))
+            res.sem.append(LayerRecord(gassign, gsize, node_img, gV, *pool._stats(gP, gassign, tok_pos, diag, BC)))
     return res
 
 
 # ---------------------------------------------------------------------- helpers (all fixed shapes)
 def _vote(pool, P: torch.Tensor, size: torch.Tensor, F: torch.Tensor, B: int, C: int) -> torch.Tensor:
-    """Eq. 6 for every slot: ``L2N{softmax(logits / σ) F}`` as ``pool.vote`` (dense keys)."""
-    logits = P * size[:, None] if pool.cfg.vote == "sum" else P
-    W = torch.softmax(logits / pool.cfg.sigma, dim=-1)
+    """Eq. 6 for every slot, as ``pool.vote`` but one fixed-shape ``bmm`` per batch."""
+    W = vote_weights(P, size, pool.cfg.sigma, pool.cfg.vote)
     return Fn.normalize(torch.bmm(W.view(B, C, -1), F).reshape(B * C, -1), dim=-1)
 
 
@@ -249,27 +248,6 @@ def _nonzero_static_scan(mask: torch.Tensor, size: int) -> torch.Tensor:
     return out.scatter_(0, dest, torch.arange(mask.numel(), device=mask.device))[:size]
 
 
-def _spatial(P: torch.Tensor, u: torch.Tensor, v: torch.Tensor, chunk_elems: int) -> torch.Tensor:
-    """Eq. 3 for the pairs ``(u[k], v[k])`` in equal fixed-size chunks (as ``pool._spatial``)."""
-    E, N = u.numel(), P.shape[1]
-    if E == 0:
-        return P.new_zeros(0)
-    k = max(1, math.ceil(E * N / max(chunk_elems, 1)))
-    step = math.ceil(E / k)
-    out = []
-    for s in range(0, E, step):                                       # memory chunks, not edges
-        d = torch.index_select(P, 0, u[s:s + step])
-        d.sub_(torch.index_select(P, 0, v[s:s + step])).abs_()
-        out.append(1.0 - d.sum(-1) / N)
-    return torch.cat(out) if len(out) > 1 else out[0]
-
-
-def _stats(P: torch.Tensor, assign: torch.Tensor, tok_pos: torch.Tensor, diag: torch.Tensor, S: int):
-    """``row_in``, ``total``, ``self_aff`` of :class:`LayerRecord` (as ``pool._stats``)."""
-    z = torch.zeros(S, device=P.device, dtype=P.dtype)
-    return z.index_add(0, assign, P[assign, tok_pos]), P.sum(-1), z.index_add(0, assign, diag)
-
-
 def _semantic_groups(pool, P, V, size, B: int, C: int, tau: float, pairs: int, rounds: int, jumps: int,
                      chunk_elems: int, flag) -> torch.Tensor:
     """One Identify step on the fully connected graph of each image's valid nodes: the group label
@@ -295,7 +273,7 @@ def _semantic_groups(pool, P, V, size, B: int, C: int, tau: float, pairs: int, r
     sf = sf_all.reshape(-1)[idx]
     contract = live & (c.w_f * sf + c.w_s > tau)
     if c.w_s > 0:
-        ss = _spatial(P, u, v, chunk_elems)
+        ss = pool._spatial(P, u, v, chunk_elems)
         contract = contract & (c.w_f * sf + c.w_s * ss > tau)
     gl, conv = cc_fixed_rounds(B * C, torch.stack([u, v]), contract, rounds, jumps)
     flag("cc_rounds", ~conv)
