@@ -1,0 +1,159 @@
+"""``oap``: the training step (teacher OAP targets -> cropped matching -> mask + distillation losses),
+the DINO-style hooks and (TODO) inference. See the package docstring."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from labelwise import dist
+from labelwise.engine.data import SeededDataset
+from labelwise.engine.method import Method, PredictContext, StepContext
+from labelwise.errors import LabelwiseError
+from labelwise.methods.oap import losses as L
+from labelwise.methods.oap.config import OAPTrainConfig
+from labelwise.methods.oap.model import OAPNet, teacher_targets
+
+
+class OAPState(nn.Module):
+    """What OAP keeps across steps outside the model: the DINO centre ``c`` of the teacher codes
+    (Eq. 1's centring; updated identically on every rank from all-reduced sums)."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+
+class _TrainTransform:
+    """Per-sample multi-crop driven by the sampler's seed: one global view (``oap.global_size``,
+    area ``oap.global_scale`` of the image, flipped with p 0.5) for the teacher, and ``oap.n_local``
+    local views (``oap.local_size``, area ``oap.local_scale`` *of the global view's region*, cut from
+    the original pixels, each flipped with p 0.5) for the student. ``local_boxes`` are the local
+    regions in pixels of the unflipped global view (what cropped matching needs)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self, item: dict, rng: np.random.Generator) -> dict:
+        from labelwise.data.transforms import MultiCropTransform
+
+        o = self.cfg.oap
+        flip_p = 0.5 if self.cfg.data.flip else 0.0
+        g = torch.Generator()
+        g.manual_seed(int(rng.integers(0, 2 ** 62)))
+        img = np.ascontiguousarray(item["image"])
+        glob = MultiCropTransform(global_size=o.global_size, n_global=1, n_local=0,
+                                  global_scale=tuple(o.global_scale), flip_p=flip_p, generator=g)({"image": img})
+        x0, y0, x1, y1 = glob["global_boxes"][0].tolist()
+        sub = np.ascontiguousarray(img[y0:y1, x0:x1])
+        loc = MultiCropTransform(local_size=o.local_size, n_global=0, n_local=o.n_local,
+                                 local_scale=tuple(o.local_scale), flip_p=flip_p, generator=g)({"image": sub})
+        scale = torch.tensor([o.global_size / (x1 - x0), o.global_size / (y1 - y0)] * 2, dtype=torch.float32)
+        return {"global": glob["global_views"][0].as_subclass(torch.Tensor),
+                "global_flip": torch.as_tensor(bool(glob["global_flips"][0])),
+                "locals": torch.stack([v.as_subclass(torch.Tensor) for v in loc["local_views"]]),
+                "local_boxes": loc["local_boxes"].float() * scale,
+                "local_flips": loc["local_flips"].bool()}
+
+
+class OAPMethod(Method):
+    name = "oap"
+    config_cls = OAPTrainConfig
+    description = "OAP: online agglomerative pooling, self-supervised universal segmentation (teacher-student)"
+    outputs = {"universal": "universal_json"}  # TODO(issue 11): writer kind not implemented yet
+    uses_ema = True
+    testbed = "objects"
+
+    def __init__(self):
+        self._center_logits = None
+        self._pooling = None
+
+    # ------------------------------------------------------------------ model and state
+    def build_model(self, cfg, info, *, pretrained=True):
+        return OAPNet(cfg, pretrained=pretrained)
+
+    def build_state(self, cfg, info):
+        return OAPState(cfg.model.out_dim)
+
+    def ema_module(self, model):
+        return model  # the teacher is an EMA of the whole network (encoder, decoders, head)
+
+    def ema_momentum(self, cfg, step, max_steps):
+        from labelwise.blocks.ema import momentum_schedule
+
+        return momentum_schedule(cfg.oap.momentum_schedule, cfg.oap.teacher_momentum, 1.0, max_steps)(step)
+
+    def pooling(self, cfg):
+        if self._pooling is None:
+            from labelwise.pseudo.oap.pooling import OnlineAgglomerativePooling
+
+            self._pooling = OnlineAgglomerativePooling(cfg.pooling)
+        return self._pooling
+
+    def build_train_dataset(self, cfg, spec, info=None, *, labels_dir=None, seeds_dir=None):
+        if labels_dir is not None or seeds_dir is not None:
+            raise LabelwiseError("oap is self-supervised: --labels / --seeds do not apply")
+        return SeededDataset(self.load_split(cfg, spec, cfg.data.train_split), _TrainTransform(cfg))
+
+    # ------------------------------------------------------------------ one step
+    def training_step(self, model, batch, ctx: StepContext):
+        cfg, lc, oc = ctx.cfg, ctx.cfg.loss, ctx.cfg.oap
+        if ctx.teacher is None:
+            raise LabelwiseError("oap needs the trainer's EMA teacher (uses_ema)")
+        teacher = getattr(ctx.teacher, "module", ctx.teacher)
+        xg, xl = batch["global"], batch["locals"]
+        B, n = xl.shape[:2]
+        # Teacher: OAP on its keys of the global view, every step, batched (Sec. 4.2-4.3).
+        tg = teacher_targets(teacher, xg, self.pooling(cfg), levels=tuple(oc.levels), max_targets=oc.max_targets)
+        # Student: the local views.
+        out = model(xl.flatten(0, 1))
+        hw = tuple(out["pred_masks"].shape[-2:])
+        targets = []
+        for b in range(B):
+            for j in range(n):
+                targets.append(L.crop_targets(tg[b].masks, tg[b].level, tg[b].logits, batch["local_boxes"][b, j],
+                                              oc.global_size, bool(batch["global_flip"][b]),
+                                              bool(batch["local_flips"][b, j]), hw))
+        gen = torch.Generator(device=xl.device)
+        gen.manual_seed(int(cfg.train.seed) * 1_000_003 + ctx.step * 131 + ctx.rank)
+        level = out["level"]
+        preds = [out] + (list(out["aux_outputs"]) if lc.deep_supervision else [])
+        matches = [L.match_views(p["pred_masks"], level, targets, lc.match_points, gen) for p in preds]
+        # Mask2Former's num_masks: matched pairs of the last layer, averaged over ranks.
+        n_local = torch.tensor(float(sum(len(q) for q, _ in matches[0])), device=xl.device)
+        num_masks = max(float(dist.all_reduce_sum(n_local)) / max(ctx.world_size, 1), 1.0)
+        total = xl.new_zeros(())
+        logs = {}
+        for k, (p, m) in enumerate(zip(preds, matches)):
+            ml = L.oap_mask_loss(p["pred_masks"], targets, m, num_masks, num_points=lc.num_points,
+                                 oversample=lc.oversample, importance=lc.importance, generator=gen)
+            total = total + lc.mask * ml["loss_mask"] + lc.dice * ml["loss_dice"]
+            if k == 0:
+                logs.update(mask=ml["loss_mask"].detach(), dice=ml["loss_dice"].detach())
+        sd, t_logits = L.query_distillation(out["logits"], targets, matches[0], ctx.state.center, lc.teacher_temp,
+                                            lc.student_temp, lc.distill_reduction)
+        total = total + lc.distill * sd
+        self._center_logits = t_logits
+        logs.update(distill=sd.detach(), pairs=n_local,
+                    targets=torch.tensor(float(sum(len(t.masks) for t in tg)) / B, device=xl.device))
+        return {"loss": total, **logs}
+
+    def after_backward(self, model, ctx: StepContext):
+        from labelwise.modeling.heads.dino import cancel_last_layer_gradients
+
+        cancel_last_layer_gradients(ctx.module.head, ctx.epoch, ctx.cfg.loss.freeze_last_layer_epochs)
+
+    def after_optimizer_step(self, model, ctx: StepContext):
+        from labelwise.blocks.self_distill import update_center
+
+        if self._center_logits is not None:  # DINO centring: EMA of the matched teacher codes, all ranks
+            update_center(ctx.state.center, self._center_logits, ctx.cfg.loss.center_momentum)
+        self._center_logits = None
+
+    # ------------------------------------------------------------------ inference (TODO)
+    def inference_model(self, model, teacher, state):
+        return getattr(teacher, "module", teacher) if teacher is not None else model
+
+    def predict(self, model, batch, ctx: PredictContext):
+        raise LabelwiseError("oap inference (--what universal) is not implemented yet (issue 11, WIP)")
