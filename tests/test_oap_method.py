@@ -1,0 +1,106 @@
+"""OAP online training (issue 11, WIP): cropped targets, the multi-crop transform and one training step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from labelwise.config import from_dict, load_yaml
+
+
+def _cfg(**over):
+    from importlib import resources
+
+    from labelwise.methods.oap.config import OAPTrainConfig
+
+    with resources.as_file(resources.files("labelwise") / "configs" / "oap" / "cpu.yaml") as p:
+        d = load_yaml(p)
+    d["model"].update(pretrained=False)
+    d["oap"].update(global_size=96, local_size=48, n_local=2)
+    d["loss"].update(num_points=256, match_points=256)
+    for k, v in over.items():
+        d.setdefault(k, {}).update(v)
+    return from_dict(OAPTrainConfig, d)
+
+
+def _image(seed: int, size: int = 120) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), 40, np.uint8)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, size - 40, 2)
+        img[y0:y0 + 40, x0:x0 + 40] = rng.integers(80, 255, 3)
+    return img
+
+
+def test_crop_targets_undoes_global_flip():
+    from labelwise.methods.oap.losses import crop_targets
+
+    h = w = 8
+    unflipped = torch.zeros(1, h, w, dtype=torch.bool)
+    unflipped[:, :, w // 2:] = True                     # right half of the global view
+    seen = unflipped.flip(-1)                            # what a flipped teacher view gives
+    t = crop_targets(seen, torch.tensor([1]), torch.zeros(1, 4), torch.tensor([48.0, 0.0, 96.0, 96.0]),
+                     96, True, False, (4, 4))
+    assert t.masks.shape == (1, 4, 4) and torch.all(t.masks > 0.8)  # bilinear at the edge
+    # the left half of the view does not overlap: dropped with its level and logits
+    t = crop_targets(seen, torch.tensor([1]), torch.zeros(1, 4), torch.tensor([0.0, 0.0, 40.0, 96.0]),
+                     96, True, False, (4, 4))
+    assert len(t.masks) == 0 and len(t.level) == 0 and len(t.logits) == 0
+
+
+def test_train_transform_boxes_inside_global_view():
+    from labelwise.methods.oap.method import _TrainTransform
+
+    cfg = _cfg()
+    out = _TrainTransform(cfg)({"image": _image(0)}, np.random.default_rng(3))
+    assert out["global"].shape == (3, 96, 96) and out["locals"].shape == (2, 3, 48, 48)
+    b = out["local_boxes"]
+    assert torch.all(b[:, :2] >= 0) and torch.all(b[:, 2:] <= 96 + 1e-4) and torch.all(b[:, 2:] > b[:, :2])
+    area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) / 96 ** 2
+    assert torch.all(area > 0.03) and torch.all(area < 0.5)
+
+
+def test_one_training_step_on_two_images():
+    from labelwise.blocks.ema import EMATeacher
+    from labelwise.engine.method import StepContext
+    from labelwise.methods.oap.method import OAPMethod, _TrainTransform
+
+    torch.manual_seed(0)
+    cfg = _cfg()
+    method = OAPMethod()
+    model = method.build_model(cfg, None, pretrained=False)
+    state = method.build_state(cfg, None)
+    teacher = EMATeacher(model)
+    tf = _TrainTransform(cfg)
+    batch = torch.utils.data.default_collate([tf({"image": _image(i)}, np.random.default_rng(i)) for i in range(2)])
+    ctx = StepContext(cfg=cfg, info=None, step=0, max_steps=10, epoch=1, steps_per_epoch=1,
+                      device=torch.device("cpu"), module=model, teacher=teacher, state=state)
+    model.train()
+    out = method.training_step(model, batch, ctx)
+    loss = out["loss"]
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert out["pairs"].item() > 0 and math.isfinite(out["distill"].item())
+    loss.backward()
+    method.after_backward(model, ctx)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for prefix in ("backbone.", "pixel_decoder.", "decoder.", "head.mlp"):
+        got = [g for n, g in grads.items() if n.startswith(prefix) and g is not None]
+        assert got and any(g.abs().sum() > 0 for g in got), prefix
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    # centre update from the matched teacher codes
+    c0 = state.center.clone()
+    method.after_optimizer_step(model, ctx)
+    assert not torch.equal(c0, state.center)
+
+
+def test_last_layer_frozen_in_first_epoch_and_momentum_schedule():
+    from labelwise.methods.oap.method import OAPMethod
+
+    cfg = _cfg()
+    m = OAPMethod()
+    assert m.ema_momentum(cfg, 0, 100) == pytest.approx(0.996)
+    assert m.ema_momentum(cfg, 100, 100) == pytest.approx(1.0)
+    assert m.ema_momentum(cfg, 50, 100) == pytest.approx(1.0 - 0.004 * 0.5)
