@@ -242,11 +242,28 @@ def open_append(path: Path):
     return fh
 
 
+class UniversalWriter(CocoRLEWriter):
+    """Universal segmentation (OAP): ``OUT/universal.json`` (COCO RLE results with ``level``
+    instance / semantic and ``category_id`` = cluster id + 1) merged from shards as
+    :class:`CocoRLEWriter`, plus ``OUT/clusters/<image_id>.png`` cluster-id maps (0..K-1,
+    255 = no mask). Payload: ``{"masks": [records], "clusters": H x W uint8}``."""
+
+    def __init__(self, out: str | Path, **kw):
+        self.maps = Path(out) / "clusters"
+        super().__init__(Path(out) / "universal.json", **kw)
+
+    def write(self, item: dict, payload: dict) -> None:
+        self.maps.mkdir(parents=True, exist_ok=True)
+        write_label(self.maps / f"{item['image_id']}.png", np.asarray(payload["clusters"]))
+        super().write(item, payload["masks"])
+
+
 WRITERS: dict[str, type[Writer]] = {
     "label_png": LabelPNGWriter,
     "cam_npz": CamNpzWriter,
     "parts_png": PartsPNGWriter,
     "coco_rle": CocoRLEWriter,
+    "universal": UniversalWriter,
 }
 
 

@@ -57,11 +57,28 @@ class _TrainTransform:
                 "local_flips": loc["local_flips"].bool()}
 
 
+class _InferTransform:
+    """The image as [0, 1] floats, long side resized to ``size``, both sides multiples of 32
+    (the coarsest encoder stride)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, item: dict) -> dict:
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float().div_(255.0)
+        H, W = x.shape[-2:]
+        s = self.size / max(H, W)
+        h, w = max(32, round(H * s / 32) * 32), max(32, round(W * s / 32) * 32)
+        return {**item, "input": F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]}
+
+
 class OAPMethod(Method):
     name = "oap"
     config_cls = OAPTrainConfig
     description = "OAP: online agglomerative pooling, self-supervised universal segmentation (teacher-student)"
-    outputs = {"universal": "universal_json"}  # TODO(issue 11): writer kind not implemented yet
+    outputs = {"universal": "universal"}
     uses_ema = True
     testbed = "objects"
 
@@ -151,9 +168,53 @@ class OAPMethod(Method):
             update_center(ctx.state.center, self._center_logits, ctx.cfg.loss.center_momentum)
         self._center_logits = None
 
-    # ------------------------------------------------------------------ inference (TODO)
+    # ------------------------------------------------------------------ inference
     def inference_model(self, model, teacher, state):
+        # the final teacher (EMA) with its decoder (issue 11: "inference with the final teacher + decoder")
         return getattr(teacher, "module", teacher) if teacher is not None else model
 
+    def inference_transform(self, cfg, info):
+        return _InferTransform(cfg.infer.size or cfg.oap.global_size)
+
     def predict(self, model, batch, ctx: PredictContext):
-        raise LabelwiseError("oap inference (--what universal) is not implemented yet (issue 11, WIP)")
+        """Universal masks: every query's mask (sigmoid > 0.5 at image size), scored by its mean
+        probability inside the mask (Mask2Former's mask score), with cluster id = argmax of its
+        DINO code over K; semantic queries -> ``level`` semantic, instance queries -> instance.
+        The cluster map paints the semantic masks in ascending score (best on top)."""
+        import torch.nn.functional as F
+
+        from labelwise.masks import encode_masks
+        from labelwise.pseudo.common import _bboxes
+
+        ic = ctx.cfg.infer
+        K = ctx.cfg.model.out_dim
+        x, items = batch["inputs"], batch["items"]
+        out = model(x)
+        level = out["level"].cpu().numpy()
+        clusters = out["logits"].float().argmax(-1).cpu().numpy()
+        res = []
+        for b, item in enumerate(items):
+            H, W = item["image"].shape[:2]
+            prob = torch.sigmoid(F.interpolate(out["pred_masks"][b:b + 1].float(), size=(H, W), mode="bilinear",
+                                               align_corners=False)[0])
+            masks = prob > 0.5
+            area = masks.flatten(1).sum(1)
+            score = (prob * masks).flatten(1).sum(1) / area.clamp(min=1)
+            keep = ((area > 0) & (score >= ic.score_threshold)).cpu().numpy()
+            idx = np.nonzero(keep)[0]
+            ms = masks[torch.as_tensor(idx, device=masks.device)].cpu().numpy() if len(idx) else \
+                np.zeros((0, H, W), bool)
+            sc = score.cpu().numpy()
+            records = []
+            if len(idx):
+                for k, rle, box in zip(idx.tolist(), encode_masks(ms), _bboxes(ms)):
+                    records.append({"category_id": int(clusters[b, k]) + 1, "segmentation": rle,
+                                    "score": round(float(sc[k]), 6), "bbox": [float(v) for v in box],
+                                    "area": int(area[k]), "level": "semantic" if level[k] == 0 else "instance"})
+            cmap = np.full((H, W), 255, np.uint8)
+            if K <= 255:  # uint8 PNG; K > 255 (coco: 512) has the clusters in universal.json only (TODO)
+                sem = [i for i, k in enumerate(idx.tolist()) if level[k] == 0]
+                for i in sorted(sem, key=lambda i: sc[idx[i]]):
+                    cmap[ms[i]] = clusters[b, idx[i]]
+            res.append({"universal": {"masks": records, "clusters": cmap}})
+        return res
