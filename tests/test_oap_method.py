@@ -113,11 +113,6 @@ def test_tiny_run_trains_resumes_bit_identically_and_predicts(tmp_path, monkeypa
     from labelwise.data.synth import generate, testbed_spec
     from labelwise.engine import api
     from labelwise.engine.checkpoint import load_checkpoint
-    from labelwise.engine.registry import _REGISTRY, register_method
-    from labelwise.methods.oap import OAPMethod
-
-    monkeypatch.setitem(_REGISTRY, "oap", OAPMethod)  # not registered yet (WIP): only for this test
-    register_method(OAPMethod)
     monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
     spec = testbed_spec("objects", generate("objects", tmp_path / "tb", n_train=6, n_val=2, size=96, seed=0))
     over = ["train.batch_size=2", "train.log_every=1", "train.ckpt_every=2", "train.eval_at_end=false", "model.pretrained=false",
