@@ -134,3 +134,49 @@ def test_tiny_run_trains_resumes_bit_identically_and_predicts(tmp_path, monkeypa
     assert res and {r["level"] for r in res} <= {"instance", "semantic"}
     assert all(1 <= r["category_id"] <= 64 and 0 <= r["score"] <= 1 for r in res)
     assert len(list((out / "clusters").glob("*.png"))) == 2
+
+
+def test_vit_adapter_encoder_trains_one_step_and_keys_equal_the_plain_vit():
+    from labelwise.blocks.ema import EMATeacher
+    from labelwise.engine.method import StepContext
+    from labelwise.methods.oap.method import OAPMethod, _TrainTransform
+
+    torch.manual_seed(0)
+    cfg = _cfg(model={"backbone": "vit_tiny_patch16_224", "adapter": True, "adapter_heads": 3,
+                      "timm_kwargs": {"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3, "img_size": 96}})
+    method = OAPMethod()
+    model = method.build_model(cfg, None, pretrained=False)
+    x = torch.rand(2, 3, 96, 96)
+    # zero-initialised injectors: OAP pools exactly the plain ViT's keys at step 0
+    plain = model.backbone.vit(x, return_keys=True).keys
+    assert torch.allclose(model.encode(x, keys=True)[1], plain, atol=1e-6)
+    teacher = EMATeacher(model)
+    tf = _TrainTransform(cfg)
+    batch = torch.utils.data.default_collate([tf({"image": _image(i)}, np.random.default_rng(i)) for i in range(2)])
+    ctx = StepContext(cfg=cfg, info=None, step=0, max_steps=10, epoch=1, steps_per_epoch=1,
+                      device=torch.device("cpu"), module=model, teacher=teacher, state=method.build_state(cfg, None))
+    out = method.training_step(model, batch, ctx)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused[:5]  # DDP without find_unused_parameters needs every parameter used
+
+
+def test_student_mask_equal_to_a_cropped_teacher_mask_is_matched_to_it():
+    from labelwise.methods.oap.losses import crop_targets, match_views
+
+    h = w = 12
+    teacher = torch.zeros(3, h, w, dtype=torch.bool)
+    teacher[0, :6, :6] = True      # semantic
+    teacher[1, 6:, :] = True       # instance
+    teacher[2, :6, 6:] = True      # instance
+    level = torch.tensor([0, 1, 1])
+    t = crop_targets(teacher, level, torch.randn(3, 8), torch.tensor([0.0, 0.0, 96.0, 96.0]), 96, False, False,
+                     (12, 12))
+    pred = torch.full((1, 4, 12, 12), -10.0)
+    qlevel = torch.tensor([0, 0, 1, 1])
+    pred[0, 1][t.masks[0] > 0.5] = 10.0   # semantic query 1 = teacher mask 0
+    pred[0, 2][t.masks[2] > 0.5] = 10.0   # instance query 2 = teacher mask 2
+    pred[0, 3][t.masks[1] > 0.5] = 10.0   # instance query 3 = teacher mask 1
+    (q, ti), = match_views(pred, qlevel, [t], num_points=None)
+    assert dict(zip(q.tolist(), ti.tolist())) == {1: 0, 2: 2, 3: 1}
