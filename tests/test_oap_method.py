@@ -96,14 +96,15 @@ def test_one_training_step_on_two_images():
     assert not torch.equal(c0, state.center)
 
 
-def test_last_layer_frozen_in_first_epoch_and_momentum_schedule():
+def test_momentum_schedule_is_cosine_to_one():
     from labelwise.methods.oap.method import OAPMethod
 
-    cfg = _cfg()
+    cfg = _cfg(oap={"teacher_momentum": 0.996})
     m = OAPMethod()
     assert m.ema_momentum(cfg, 0, 100) == pytest.approx(0.996)
     assert m.ema_momentum(cfg, 100, 100) == pytest.approx(1.0)
     assert m.ema_momentum(cfg, 50, 100) == pytest.approx(1.0 - 0.004 * 0.5)
+    assert m.ema_momentum(cfg, 25, 100) == pytest.approx(1.0 - 0.004 * (1 + math.cos(math.pi / 4)) / 2)
 
 
 def test_tiny_run_trains_resumes_bit_identically_and_predicts(tmp_path, monkeypatch):
