@@ -61,3 +61,18 @@ def test_bench_cobra_bad_flags_are_one_line_errors(tmp_path, capsys):
         assert main(["bench", "cobra", *argv, "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert word in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_oap_train_tiny_run_reports_the_share_of_the_step_in_oap(tmp_path, capsys):
+    assert main(["bench", "oap-train", "--images", "4", "--size", "64", "--steps", "1", "--warmup", "1",
+                 "--threads", "1", "--device", "cpu", "--json", str(tmp_path / "o.json"), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "o.json").read_text())
+    assert set(res) == {"oap", "cam"}
+    for v in res.values():
+        assert v["ms_per_step"] > 0 and v["peak_rss_mb"] > 0 and v["steps"] == 1
+    o = res["oap"]
+    assert 0 < o["oap_share"] < o["teacher_share"] < 1 and o["oap_ms_per_step"] < o["teacher_ms_per_step"]
+    assert o["ratio_vs_cam"] == o["ms_per_step"] / res["cam"]["ms_per_step"]
+    assert main(["bench", "oap-train", "--steps", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and len(err.strip().splitlines()) == 1, err

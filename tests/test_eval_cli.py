@@ -49,6 +49,19 @@ def test_semantic_cli_perfect_and_background(tmp_path, capsys):
         write_label(clusters / f"{k}.png", np.where(g == 255, 255, g + 1).astype(np.uint8))
     r = evaluate("unsupervised", clusters, spec, "val", progress=False)
     assert r["miou"] == 1.0 and r["assignment"] == [-1, 0, 1, 2]
+    # more than 255 clusters (OAP's K = 512): 16-bit cluster maps, 65535 = none
+    from labelwise.io import read_cluster_map, write_cluster_map
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for k, g in GTS.items():
+        ids = np.where(g == 255, -1, g.astype(np.int64) + 300)
+        ids[0, 0] = -1  # one pixel without a cluster: wrong for its class
+        write_cluster_map(wide / f"{k}.png", ids, 512)
+        assert np.array_equal(read_cluster_map(wide / f"{k}.png"), ids)
+    r = evaluate("unsupervised", wide, spec, "val", progress=False)
+    assert r["assignment"][300:303] == [0, 1, 2] and r["pixel_acc"] == pytest.approx(9 / 11)
+    assert r["per_class_iou"]["dog"] == pytest.approx(1 / 2)  # b's (0,0) pixel is a dog without a cluster
 
 
 def test_semantic_cli_errors_name_the_file(tmp_path, capsys):

@@ -138,3 +138,34 @@ def test_paint_instances_and_rgb_ids():
     assert [s["category_id"] for s in segs] == [1, 2]
     big = np.array([[0, 70000], [256, 5]])
     assert np.array_equal(rgb2id(id2rgb(big)), big)
+
+
+def test_hungarian_maps_clusters_to_categories_then_scores_class_aware():
+    gt, masks = _gt()
+    preds = _preds(masks)  # right masks, categories swapped: cluster 2 = class 1, cluster 1 = class 2
+    preds.append({"image_id": 2, "category_id": 7, "segmentation": encode_mask(_box(20, 24, 15, 20, 20, 24)),
+                  "score": 0.8})  # a cluster that overlaps no object: left without a category
+    ev = InstanceEvaluator(gt, hungarian=True)
+    ev.update(preds)
+    r = ev.compute()
+    things = {**gt, "categories": [c for c in gt["categories"] if c.get("isthing", 1)],
+              "annotations": [a for a in gt["annotations"] if a["category_id"] != 3]}
+    mapped = [{**p, "category_id": {1: 2, 2: 1}[p["category_id"]]} for p in preds if p["category_id"] != 7]
+    segm = _cocoeval(things, mapped, "segm")
+    assert [r["ap"], r["ap50"], r["ar100"]] == pytest.approx([segm[0], segm[1], segm[8]])
+    assert r["ap50"] == pytest.approx(1.0) and r["hungarian_clusters_mapped"] == 2
+    ev = InstanceEvaluator(gt, hungarian=True)  # no cluster overlaps an object: zeros, not an error
+    ev.update(preds[-1:])
+    r = ev.compute()
+    assert r["ap"] == 0.0 and r["num_predictions"] == 0
+
+
+def test_level_filter_scores_the_instance_level_by_default():
+    from labelwise.evaluation.api import _select_level
+
+    recs = [{"level": "instance", "score": 0.9}, {"level": "semantic", "score": 0.8}, {"score": 0.5}]
+    assert _select_level(recs, "instance") == [recs[0], recs[2]]
+    assert _select_level(recs, "semantic") == [recs[1], recs[2]]
+    assert _select_level(recs, "all") == recs
+    with pytest.raises(LabelwiseError, match="level 'both'"):
+        _select_level(recs, "both")

@@ -135,6 +135,55 @@ def test_tiny_run_trains_resumes_bit_identically_and_predicts(tmp_path, monkeypa
     assert res and {r["level"] for r in res} <= {"instance", "semantic"}
     assert all(1 <= r["category_id"] <= 64 and 0 <= r["score"] <= 1 for r in res)
     assert len(list((out / "clusters").glob("*.png"))) == 2
+    # the raw OAP pseudo-masks of the initial teacher (the recipe's baseline), clustered by k-means
+    raw = api.infer(ref, spec, "val", tmp_path / "raw", what="pseudo", overrides=["infer.teacher=initial"],
+                    show_progress=False)
+    recs = json.loads((raw / "pseudo.json").read_text())
+    assert recs and {r["level"] for r in recs} == {"instance", "semantic"}
+    assert all("embedding" not in r and 1 <= r["category_id"] <= 64 for r in recs)
+    assert len(list((raw / "pseudo_clusters").glob("*.png"))) == 2
+    from labelwise.evaluation import evaluate
+
+    inst = evaluate("instance", raw / "pseudo.json", spec, "val", progress=False)
+    every = evaluate("instance", raw / "pseudo.json", spec, "val", level="all", progress=False)
+    n_inst = sum(r["level"] == "instance" for r in recs)
+    assert inst["num_predictions"] == n_inst < every["num_predictions"] == len(recs)
+    assert evaluate("unsupervised", raw / "pseudo_clusters", spec, "val", progress=False)["miou"] >= 0
+
+
+def test_objectness_loss_is_mask2former_class_loss_with_one_class():
+    from labelwise.methods.oap.losses import objectness_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 2)
+    matches = [(torch.tensor([0, 3]), torch.tensor([1, 0])), (torch.tensor([4]), torch.tensor([0]))]
+    target = torch.ones(2, 5, dtype=torch.long)
+    target[0, 0] = target[0, 3] = target[1, 4] = 0
+    w = torch.tensor([1.0, 0.1])[target]
+    ce = -torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
+    assert torch.allclose(objectness_loss(logits, matches, 0.1), (w * ce).sum() / w.sum())
+    # matched queries pushed to "object": the loss falls when their object logit rises
+    up = logits.clone()
+    up[0, 0, 0] += 2.0
+    assert objectness_loss(up, matches, 0.1) < objectness_loss(logits, matches, 0.1)
+
+
+def test_dino_head_last_layer_frozen_in_the_first_epoch_only():
+    from labelwise.engine.method import StepContext
+    from labelwise.methods.oap.method import OAPMethod
+
+    cfg = _cfg()
+    method = OAPMethod()
+    model = method.build_model(cfg, None, pretrained=False)
+    for epoch, frozen in ((0, True), (1, False)):
+        model.zero_grad()
+        model.head(torch.randn(3, cfg.model.hidden_dim)).sum().backward()
+        ctx = StepContext(cfg=cfg, info=None, step=0, max_steps=10, epoch=epoch, steps_per_epoch=1,
+                          device=torch.device("cpu"), module=model, teacher=None, state=None)
+        method.after_backward(model, ctx)
+        grads = [p.grad for p in model.head.last_layer.parameters() if p.requires_grad]
+        assert grads and all((g is None) == frozen for g in grads)
+        assert all(p.grad is not None for p in model.head.mlp.parameters())  # the MLP always learns
 
 
 def test_vit_adapter_encoder_trains_one_step_and_keys_equal_the_plain_vit():
@@ -181,3 +230,75 @@ def test_student_mask_equal_to_a_cropped_teacher_mask_is_matched_to_it():
     pred[0, 3][t.masks[1] > 0.5] = 10.0   # instance query 3 = teacher mask 1
     (q, ti), = match_views(pred, qlevel, [t], num_points=None)
     assert dict(zip(q.tolist(), ti.tolist())) == {1: 0, 2: 2, 3: 1}
+
+
+def test_plain_vit_pyramid_encoder_trains_one_step():
+    from labelwise.blocks.ema import EMATeacher
+    from labelwise.engine.method import StepContext
+    from labelwise.methods.oap.method import OAPMethod, _TrainTransform
+
+    torch.manual_seed(0)
+    cfg = _cfg(model={"backbone": "vit_tiny_patch16_224", "adapter": False,
+                      "timm_kwargs": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "img_size": 96}})
+    method = OAPMethod()
+    model = method.build_model(cfg, None, pretrained=False)
+    x = torch.rand(2, 3, 96, 96)
+    assert torch.equal(model.encode(x, keys=True)[1], model.backbone(x, return_keys=True).keys)
+    tf = _TrainTransform(cfg)
+    batch = torch.utils.data.default_collate([tf({"image": _image(i)}, np.random.default_rng(i)) for i in range(2)])
+    ctx = StepContext(cfg=cfg, info=None, step=0, max_steps=10, epoch=1, steps_per_epoch=1,
+                      device=torch.device("cpu"), module=model, teacher=EMATeacher(model),
+                      state=method.build_state(cfg, None))
+    out = method.training_step(model, batch, ctx)
+    out["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert torch.isfinite(out["loss"]) and not unused, unused[:5]
+
+
+def test_recipe_compares_raw_pseudo_masks_with_the_trained_model(tmp_path, monkeypatch):
+    """recipes/oap.yaml end to end at a tiny size: every row of the comparison table is filled."""
+    from labelwise.stages.runner import run_recipe
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    res = run_recipe("oap", tmp_path / "r", show_progress=False, log=lambda m: None,
+                     overrides=["train=4", "val=2", "size=96", "steps=2",
+                                "oap.set=[model.pretrained=false, oap.global_size=96, oap.local_size=48, "
+                                "loss.num_points=256, loss.match_points=256, train.batch_size=2, infer.size=96]",
+                                "control.set=[oap.targets=ground_truth, model.pretrained=false, oap.global_size=96, "
+                                "oap.local_size=48, loss.num_points=256, loss.match_points=256, train.batch_size=2, "
+                                "infer.size=96]"])
+    rows = {r["stage"]: r for r in res["table"]}
+    assert {"raw_agnostic", "raw_hungarian", "raw_semantic", "raw_panoptic", "trained_agnostic",
+            "trained_hungarian", "trained_semantic", "trained_panoptic", "final_agnostic", "final_semantic",
+            "control_agnostic", "control_semantic"} == set(rows)
+    assert all(0.0 <= rows[k]["ar100"] <= 1.0 for k in ("raw_agnostic", "trained_agnostic", "final_agnostic"))
+    assert all(0.0 <= rows[k]["miou"] <= 1.0 for k in ("raw_semantic", "trained_semantic", "final_semantic"))
+    assert 0.0 <= rows["trained_panoptic"]["pq"] <= 1.0
+
+
+def test_ground_truth_targets_control_replaces_oap_masks_in_the_teacher_frame():
+    """oap.targets=ground_truth (a diagnostic control): the dataset's masks of the global view, mirrored
+    like the view and pooled to the key grid, replace OAP's; the Eq. 6 teacher codes are still made."""
+    from labelwise.methods.oap.method import OAPMethod, _ground_truth_maps, _ground_truth_masks
+    from labelwise.methods.oap.model import teacher_targets
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    left = np.zeros((64, 64), bool)
+    left[8:40, 0:24] = True                                     # an object on the left
+    sem = np.where(left, 1, 0).astype(np.int64)
+    sem[:, 60:] = 255                                           # an ignored strip
+    item = {"image": img, "mask": sem, "instances": [{"mask": left}]}
+    maps = _ground_truth_maps(item, (0, 0, 64, 64), 32, flip=True)
+    assert maps["gt_instances"].shape == (32, 32)
+    assert maps["gt_instances"][4:20, 20:].eq(1).all() and maps["gt_instances"][:, :16].eq(0).all()  # mirrored
+    masks, level = _ground_truth_masks(maps["gt_instances"], maps["gt_semantic"], ("semantic", "instance"))
+    assert level.tolist() == [0, 0, 1]  # background and object regions (255 skipped), then the instance
+    cfg = _cfg(oap={"global_size": 32, "targets": "ground_truth"})
+    method = OAPMethod()
+    teacher = method.build_model(cfg, None, pretrained=False).eval()
+    tg = teacher_targets(teacher, torch.rand(1, 3, 32, 32), method.pooling(cfg), given=[(masks, level)])[0]
+    h = 32 // cfg.model.key_stride
+    ref = torch.nn.functional.adaptive_avg_pool2d(masks[None].float(), (h, h))[0] > 0.5
+    assert torch.equal(tg.masks, ref) and tg.logits.shape == (3, cfg.model.out_dim)
+    with pytest.raises(Exception, match="targets=ground_truth needs"):
+        _ground_truth_maps({"image": img, "mask": None}, (0, 0, 64, 64), 32, flip=False)

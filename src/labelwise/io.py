@@ -183,6 +183,37 @@ def write_label(path: str | Path, label: np.ndarray, sync: bool = False) -> None
     atomic_write_bytes(path, buf.getvalue(), sync=sync)
 
 
+def write_cluster_map(path: str | Path, ids: np.ndarray, num_clusters: int, sync: bool = False) -> None:
+    """Write cluster ids (``0..num_clusters-1``, ``-1`` = no cluster) as a PNG, atomically: a
+    VOC-palette ``uint8`` PNG with 255 = none when ``num_clusters <= 255`` (a label PNG), else a
+    16-bit grayscale PNG with 65535 = none (OAP's K = 512). :func:`read_cluster_map` reads both."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"cluster map must be 2-D, got shape {ids.shape}")
+    if ids.size and (ids.min() < -1 or ids.max() >= num_clusters):
+        raise ValueError(f"cluster ids must be in -1..{num_clusters - 1}")
+    if num_clusters <= 255:
+        write_label(path, np.where(ids < 0, 255, ids).astype(np.uint8), sync=sync)
+        return
+    if num_clusters > 65535:
+        raise ValueError(f"at most 65535 clusters fit a 16-bit PNG, got {num_clusters}")
+    buf = _io.BytesIO()
+    Image.fromarray(np.where(ids < 0, 65535, ids).astype(np.uint16)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue(), sync=sync)
+
+
+def read_cluster_map(path: str | Path) -> np.ndarray:
+    """Cluster ids of a PNG written by :func:`write_cluster_map` (or any label PNG) as ``int64``
+    ``H x W`` with ``-1`` = no cluster (255 in an 8-bit PNG, 65535 in a 16-bit one)."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img).astype(np.int64)
+        return np.where(arr == 65535, -1, arr)
+    arr = read_label(path).astype(np.int64)
+    return np.where(arr == 255, -1, arr)
+
+
 def write_image(path: str | Path, image: np.ndarray, quality: int = 95, sync: bool = False) -> None:
     """Write an RGB ``uint8`` image (format from the suffix), atomically (see :func:`atomic_write`)."""
     path = Path(path)

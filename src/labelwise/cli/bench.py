@@ -1,6 +1,6 @@
-"""``labelwise bench {oap,train,infer,crf,seco,cobra} [...] [--json OUT.json]``: speed/quality benchmarks.
+"""``labelwise bench {oap,oap-train,train,infer,crf,seco,cobra} [...] [--json OUT.json]``: speed/quality benchmarks.
 
-Each benchmark is a module ``labelwise.benchmarks.<name>`` with ``add_arguments(parser)``
+Each benchmark is a module ``labelwise.benchmarks.<name>`` (``-`` in the name is ``_``) with ``add_arguments(parser)``
 and ``run(args) -> dict`` returning ``{"<variant>": {"ms_per_image": float, ...}, ...}``.
 This command prints the result as a table (one row per variant) and writes it as JSON.
 """
@@ -14,6 +14,7 @@ from labelwise.errors import LabelwiseError
 
 BENCHMARKS = {
     "oap": "OAP vs MaskCut / TokenCut pseudo-mask speed and quality",
+    "oap-train": "OAP online training: step time, memory and the share of the step in OAP, vs the cam baseline",
     "train": "training step speed",
     "infer": "inference speed",
     "crf": "dense CRF speed",
@@ -32,7 +33,7 @@ def register(subparsers, name: str, help: str) -> None:
         bp.add_argument("--json", default=None, metavar="OUT.json", help="write the result object here")
         add_progress(bp)
         try:
-            mod = importlib.import_module(f"labelwise.benchmarks.{bench}")
+            mod = importlib.import_module(f"labelwise.benchmarks.{bench.replace('-', '_')}")
         except ImportError:
             mod = None
         if mod is None or not hasattr(mod, "add_arguments") or not hasattr(mod, "run"):

@@ -33,7 +33,13 @@ def register(subparsers, name: str, help: str) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the flat result object here")
     p.add_argument("--ignore-index", type=int, default=255, help="ignore label value (default 255)")
     p.add_argument("--class-aware", action="store_true", help="instance: compare categories (default: agnostic)")
+    p.add_argument("--hungarian", action="store_true",
+                   help="instance: category_id holds cluster ids (unsupervised); map clusters one-to-one to the "
+                        "ground-truth thing categories (Hungarian on IoU>=0.5 votes) and score class-aware")
     p.add_argument("--max-dets", type=int, default=100, help="instance: detections per image (default 100)")
+    p.add_argument("--level", choices=["instance", "semantic", "all"], default=None,
+                   help="results that carry a 'level' (universal masks, OAP pseudo-masks): which to score "
+                        "(default: instance for 'instance', all for 'panoptic'); results without one always count")
     p.add_argument("--num-clusters", type=int, default=None,
                    help="unsupervised: number of clusters K (default: largest id + 1)")
     p.add_argument("--score-thresh", type=float, default=None,
@@ -66,9 +72,14 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "semantic":
         options["bg_threshold"] = args.bg_threshold
     if args.kind == "instance":
-        options.update(class_aware=args.class_aware, max_dets=args.max_dets)
+        options.update(class_aware=args.class_aware, max_dets=args.max_dets, level=args.level or "instance",
+                       hungarian=args.hungarian)
     if args.kind == "panoptic":
-        options.update(score_thresh=args.score_thresh, class_agnostic=args.class_agnostic)
+        options.update(score_thresh=args.score_thresh, class_agnostic=args.class_agnostic, level=args.level or "all")
+    if args.hungarian and args.kind != "instance":
+        raise LabelwiseError("--hungarian applies to 'evaluate instance' only")
+    if args.level is not None and args.kind not in ("instance", "panoptic"):
+        raise LabelwiseError("--level applies to 'evaluate instance' and 'evaluate panoptic' only")
     if args.kind == "unsupervised":
         options["num_clusters"] = args.num_clusters
     result, metric = run_evaluation(args.kind, args.pred, args.gt, args.split, **options)

@@ -266,7 +266,7 @@ def parse_what(what: str | Iterable[str] | None, method) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def output_writers(method, what: tuple[str, ...], out: Path) -> dict:
+def output_writers(method, what: tuple[str, ...], out: Path, cfg=None) -> dict:
     """One writer per requested output, all in ``out``; two outputs that would write the same files are refused."""
     from labelwise.engine.writers import make_writer
 
@@ -276,7 +276,8 @@ def output_writers(method, what: tuple[str, ...], out: Path) -> dict:
         clash = [w for w in what if method.outputs[w] in dup]
         raise LabelwiseError(f"--what {','.join(clash)}: these outputs write the same files ({dup[0]}); run them "
                              "with separate --out folders")
-    return {w: make_writer(method.outputs[w], out if method.outputs[w] != "coco_rle" else out / f"{w}.json")
+    return {w: make_writer(method.outputs[w], out if method.outputs[w] != "coco_rle" else out / f"{w}.json",
+                           **(method.writer_options(cfg, w) if cfg is not None else {}))
             for w in what}
 
 
@@ -321,7 +322,7 @@ def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str
     sigs = {w: _prediction_signature(loaded, cfg, normalise_spec(data), split, checkpoint, seeds) for w in whats}
     _check_predictions(out, sigs)
     out.mkdir(parents=True, exist_ok=True)
-    writers = output_writers(method, whats, out)
+    writers = output_writers(method, whats, out, cfg)
     dev = next(loaded.model.parameters()).device
     ctx = PredictContext(cfg=cfg, info=info, what=whats, device=dev, rank=dist.get_rank(),
                          world_size=dist.get_world_size(), state=loaded.state)

@@ -168,6 +168,10 @@ class Method:
         with resources.as_file(self.preset_dir() / f"{preset}.yaml") as path:
             return load_yaml(path)
 
+    def writer_options(self, cfg, what: str) -> dict:
+        """Keyword arguments of the writer of output ``what`` (e.g. the k of a clustering writer)."""
+        return {}
+
     # ------------------------------------------------------------------ data
     def load_split(self, cfg, spec: str, split: str, *, labels_dir: str | Path | None = None,
                    seeds_dir: str | Path | None = None):

@@ -14,6 +14,11 @@ parts_png     ``OUT/parts/<image_id>.png`` and                ``{"parts": H x W,
               ``OUT/objects/<image_id>.png``
 coco_rle      ``JSON`` (COCO results list) merged from        list of result dicts (``segmentation``
               ``JSON.parts/shard-RANK.jsonl``                 RLE, ``score``, ``category_id``, ...)
+universal     ``OUT/universal.json`` (as coco_rle, with          ``{"masks": [records], "clusters":
+              ``level``) and ``OUT/clusters/<image_id>.png``  H x W cluster ids}``
+clustered_    ``OUT/<name>.json``, k-means of the records'    list of records, each with an
+masks         ``embedding`` -> ``category_id`` at the merge,  ``embedding``
+              and ``OUT/<name>_clusters/<image_id>.png``
 ============  ==============================================  ======================================
 
 ``image_id`` may contain ``/`` (images in sub-folders of a ``folder:`` dataset); the
@@ -34,9 +39,9 @@ from typing import Any, Callable
 import numpy as np
 
 from labelwise import dist
-from labelwise.io import atomic_save_npz, atomic_write_json, atomic_write_text, write_label
+from labelwise.io import atomic_save_npz, atomic_write_json, atomic_write_text, write_cluster_map, write_label
 
-__all__ = ["Writer", "LabelPNGWriter", "CamNpzWriter", "PartsPNGWriter", "CocoRLEWriter", "WRITERS", "make_writer"]
+__all__ = ["Writer", "LabelPNGWriter", "CamNpzWriter", "PartsPNGWriter", "CocoRLEWriter", "UniversalWriter", "ClusteredMasksWriter", "WRITERS", "make_writer"]
 
 
 class Writer:
@@ -245,8 +250,10 @@ def open_append(path: Path):
 class UniversalWriter(CocoRLEWriter):
     """Universal segmentation (OAP): ``OUT/universal.json`` (COCO RLE results with ``level``
     instance / semantic and ``category_id`` = cluster id + 1) merged from shards as
-    :class:`CocoRLEWriter`, plus ``OUT/clusters/<image_id>.png`` cluster-id maps (0..K-1,
-    255 = no mask). Payload: ``{"masks": [records], "clusters": H x W uint8}``."""
+    :class:`CocoRLEWriter`, plus ``OUT/clusters/<image_id>.png`` cluster-id maps
+    (:func:`labelwise.io.write_cluster_map`: 8-bit with 255 = no mask, or 16-bit with 65535 = no
+    mask when K > 255). Payload: ``{"masks": [records], "clusters": H x W ids (-1 = none),
+    "num_clusters": K}``."""
 
     def __init__(self, out: str | Path, **kw):
         self.maps = Path(out) / "clusters"
@@ -254,8 +261,52 @@ class UniversalWriter(CocoRLEWriter):
 
     def write(self, item: dict, payload: dict) -> None:
         self.maps.mkdir(parents=True, exist_ok=True)
-        write_label(self.maps / f"{item['image_id']}.png", np.asarray(payload["clusters"]))
+        write_cluster_map(self.maps / f"{item['image_id']}.png", np.asarray(payload["clusters"]),
+                          int(payload["num_clusters"]))
         super().write(item, payload["masks"])
+
+
+class ClusteredMasksWriter(CocoRLEWriter):
+    """Masks whose categories are found once every image is done: ``OUT/<name>.json`` (COCO RLE
+    results with ``level``) whose records carry an ``embedding`` (``pseudo.common.encode_embedding``)
+    that k-means (``clusters`` = K, ``seed``) turns into ``category_id`` = cluster + 1 per level at
+    the merge (the embeddings are then dropped), plus ``OUT/<name>_clusters/<image_id>.png``
+    cluster-id maps of the semantic-level masks painted in ascending score
+    (:func:`labelwise.io.write_cluster_map`). Payload: a
+    list of records, as :class:`CocoRLEWriter`."""
+
+    def __init__(self, out: str | Path, *, name: str = "pseudo", clusters: int = 8, seed: int = 0, **kw):
+        from labelwise.pseudo.runner import _cluster_merge
+
+        self.maps = Path(out) / f"{name}_clusters"
+        self.num_clusters = int(clusters)
+        super().__init__(Path(out) / f"{name}.json", merge=_cluster_merge(int(clusters), int(seed)), **kw)
+
+    def write(self, item: dict, payload: list[dict]) -> None:
+        img = item["image"]  # as CocoRLEWriter, plus the dataset's image_id that names the map
+        self._handle().write(json.dumps({"file_name": item["file_name"], "image_key": item["image_id"],
+                                         "status": "ok", "height": int(img.shape[0]), "width": int(img.shape[1]),
+                                         "masks": list(payload)}) + "\n")
+
+    def _merge(self, keys: list[str]) -> dict:
+        from labelwise.masks import decode_mask
+
+        shards = {k: r for k, r in read_shards(self.parts).items() if r.get("status") == "ok"}
+        summary = super()._merge(keys)
+        by_file: dict[str, list[dict]] = {}
+        for r in json.loads(self.out.read_text()):
+            if r.get("level") == "semantic":
+                by_file.setdefault(r["file_name"], []).append(r)
+        for name, rec in shards.items():
+            h, w = int(rec["height"]), int(rec["width"])
+            lab = np.full((h, w), -1, dtype=np.int64)
+            for r in sorted(by_file.get(name, []), key=lambda r: r["score"]):  # best on top
+                lab[decode_mask(r["segmentation"], h, w)] = int(r["category_id"]) - 1
+            path = self.maps / f"{rec['image_key']}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_cluster_map(path, lab, self.num_clusters)
+        summary["maps"] = str(self.maps)
+        return summary
 
 
 WRITERS: dict[str, type[Writer]] = {
@@ -264,6 +315,7 @@ WRITERS: dict[str, type[Writer]] = {
     "parts_png": PartsPNGWriter,
     "coco_rle": CocoRLEWriter,
     "universal": UniversalWriter,
+    "clustered_masks": ClusteredMasksWriter,
 }
 
 

@@ -22,8 +22,11 @@ reduced across ranks (every rank gets the full result).
 
 Options: ``ignore_index`` (255), ``progress`` (True), ``device`` ("cpu"); semantic:
 ``bg_threshold`` (None: PNG predictions; a number: ``.npz`` seeds thresholded); instance:
-``class_aware`` (False), ``max_dets`` (100); panoptic: ``score_thresh`` (None),
-``class_agnostic`` (False); unsupervised: ``num_clusters`` (None: inferred from the
+``class_aware`` (False), ``hungarian`` (False: cluster ids mapped to categories, see
+:class:`~labelwise.evaluation.instance.InstanceEvaluator`), ``max_dets`` (100), ``level`` ("instance": results that carry a
+``level`` -- universal masks, OAP pseudo-masks -- are scored on their instance-level masks;
+"semantic" or "all" pick the others; results without ``level`` always count); panoptic:
+``score_thresh`` (None), ``class_agnostic`` (False), ``level`` ("all"); unsupervised: ``num_clusters`` (None: inferred from the
 largest id in the predictions).
 """
 
@@ -67,11 +70,11 @@ def _pred_dir(pred: Any, what: str) -> Path:
     return p
 
 
-def _read_pred(path: Path, image_id: str, shape: tuple[int, ...]) -> np.ndarray:
+def _read_pred(path: Path, image_id: str, shape: tuple[int, ...], reader=None) -> np.ndarray:
     if not path.is_file():
         raise LabelwiseError(f"{path}: no prediction for ground-truth image '{image_id}'; predict every image "
                              "of the split")
-    pred = read_label(path)
+    pred = (reader or read_label)(path)
     if pred.shape != tuple(shape):
         raise LabelwiseError(f"{path}: prediction is {pred.shape[0]}x{pred.shape[1]} but the ground truth of "
                              f"'{image_id}' is {shape[0]}x{shape[1]}; predict at the ground-truth resolution")
@@ -113,7 +116,8 @@ def _read_seeds_as_label(path: Path, image_id: str, shape: tuple[int, ...], bg_t
                         bg_threshold=bg_threshold).numpy().astype(np.uint8)
 
 
-def _label_maps(kind: str, pred, ds, metric, show: bool, device, bg_threshold: float | None = None):
+def _label_maps(kind: str, pred, ds, metric, show: bool, device, bg_threshold: float | None = None,
+                reader=None):
     """Feed ``PRED/<image_id>.png`` (or ``.npz`` seeds thresholded at ``bg_threshold``) and the
     ground-truth mask of every image to ``metric``."""
     import torch
@@ -127,7 +131,7 @@ def _label_maps(kind: str, pred, ds, metric, show: bool, device, bg_threshold: f
         gt = _gt_mask(ds, i)
         if bg_threshold is None:
             path = root / f"{ds.ids[i]}.png"
-            p = _read_pred(path, ds.ids[i], gt.shape)
+            p = _read_pred(path, ds.ids[i], gt.shape, reader)
         else:
             path = root / f"{ds.ids[i]}.npz"
             p = _read_seeds_as_label(path, ds.ids[i], gt.shape, bg_threshold)
@@ -147,8 +151,11 @@ def _semantic(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", bg_t
 def _unsupervised(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", num_clusters=None, **_):
     from labelwise.evaluation.unsupervised import UnsupervisedMetric
 
-    metric = UnsupervisedMetric(num_clusters, len(ds.class_names), list(ds.class_names), ignore_index)
-    return _label_maps("unsupervised", pred, ds, metric, show, device)
+    from labelwise.io import read_cluster_map
+
+    # cluster maps: 8-bit (255 = none) or 16-bit for more than 255 clusters (65535 = none) -> -1
+    metric = UnsupervisedMetric(num_clusters, len(ds.class_names), list(ds.class_names), ignore_index, unassigned=-1)
+    return _label_maps("unsupervised", pred, ds, metric, show, device, reader=read_cluster_map)
 
 
 def _parts(pred, ds, ignore_index=IGNORE_INDEX, show=True, device="cpu", **_):
@@ -193,6 +200,19 @@ def _load_results(pred: Any) -> list[dict]:
     return data
 
 
+LEVELS = ("instance", "semantic", "all")
+
+
+def _select_level(results: list[dict], level: str | None) -> list[dict]:
+    """Results of one ``level`` (``instance`` / ``semantic``; ``all`` or None = every result); a
+    result without a ``level`` key belongs to every level."""
+    if level in (None, "all"):
+        return results
+    if level not in LEVELS:
+        raise LabelwiseError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
+    return [r for r in results if r.get("level", level) == level]
+
+
 def _coco_gt(ds):
     if getattr(ds, "annotation_file", None) is None:
         raise LabelwiseError(f"{getattr(ds, 'root', ds)}: instance and panoptic evaluation need a coco:ROOT "
@@ -200,12 +220,12 @@ def _coco_gt(ds):
     return ds
 
 
-def _instance(pred, ds, class_aware=False, max_dets=100, **_):
+def _instance(pred, ds, class_aware=False, max_dets=100, level="instance", hungarian=False, **_):
     from labelwise.evaluation.instance import InstanceEvaluator
 
     ds = _coco_gt(ds)
-    ev = InstanceEvaluator(ds.coco, class_aware=class_aware, max_dets=max_dets)
-    results = _load_results(pred)
+    ev = InstanceEvaluator(ds.coco, class_aware=class_aware, max_dets=max_dets, hungarian=hungarian)
+    results = _select_level(_load_results(pred), level)
     # Each rank contributes a strided share; compute() gathers them on rank 0.
     ev.update(results[get_rank()::get_world_size()])
     return ev.compute(), ev
@@ -233,7 +253,7 @@ def _gt_panoptic(coco, img: dict, cat_map) -> tuple[np.ndarray, list[dict]]:
     return ids, segments
 
 
-def _panoptic(pred, ds, show=True, score_thresh=None, class_agnostic=False, **_):
+def _panoptic(pred, ds, show=True, score_thresh=None, class_agnostic=False, level="all", **_):
     from labelwise.evaluation.panoptic import PanopticMetric, paint_instances, rgb2id
     from labelwise.evaluation.instance import match_images
     from labelwise.masks import decode_masks
@@ -288,7 +308,7 @@ def _panoptic(pred, ds, show=True, score_thresh=None, class_agnostic=False, **_)
             segs = [{"id": int(s["id"]), "category_id": cat_map(s["category_id"])} for s in a.get("segments_info", [])]
             return f, rgb2id(arr), segs
     else:
-        results = match_images(coco, _load_results(pred), source=str(pred))
+        results = match_images(coco, _select_level(_load_results(pred), level), source=str(pred))
         grouped: dict[Any, list[dict]] = {}
         for r in results:
             if score_thresh is not None and float(r["score"]) < score_thresh:

@@ -11,6 +11,13 @@ them against a COCO ground-truth json with ``COCOeval`` twice: ``iouType="segm"`
   categories with ``"isthing": 0`` (stuff) are dropped, every remaining annotation and
   every prediction is put into a single category. ``class_aware=True`` keeps the
   ground-truth categories (all of them) and compares ``category_id``.
+* ``hungarian=True`` (unsupervised methods whose ``category_id`` is a cluster id, e.g. OAP's
+  universal masks): every prediction votes for the ground-truth category of the instance it
+  overlaps best in its image (mask IoU >= 0.5); a one-to-one Hungarian assignment of clusters to
+  categories maximises the votes, each prediction takes its cluster's category and the scoring is
+  class-aware. Predictions of clusters left without a category are scored as a category of
+  their own that has no ground truth (COCOeval then ignores them: they lower no AP and add no
+  recall).
 * A prediction may name its image by ``file_name`` instead of (or as well as)
   ``image_id``: it is matched to the ground truth image with the same ``file_name``
   (exactly, else by base name when that is unique). Unknown file names or ids are an
@@ -99,12 +106,13 @@ def match_images(coco, preds: Iterable[dict], source: str = "predictions") -> li
 class InstanceEvaluator:
     """COCO mask (and box) AP/AR of results against a ground truth (path, dict or ``COCO``)."""
 
-    def __init__(self, gt: Any, class_aware: bool = False, max_dets: int = 100):
+    def __init__(self, gt: Any, class_aware: bool = False, max_dets: int = 100, hungarian: bool = False):
         self.gt = load_coco(gt)
-        self.class_aware = bool(class_aware)
+        self.hungarian = bool(hungarian)
+        self.class_aware = bool(class_aware) or self.hungarian
         self.max_dets = int(max_dets)
         self.results: list[dict] = []
-        self._gt_eval = self.gt if class_aware else self._agnostic_gt()
+        self._gt_eval = self._things_gt() if self.hungarian else self.gt if class_aware else self._agnostic_gt()
 
     def _agnostic_gt(self):
         data = self.gt.dataset
@@ -120,6 +128,16 @@ class InstanceEvaluator:
         agn["annotations"] = anns
         agn["categories"] = [{"id": 1, "name": "object", "supercategory": "object", "isthing": 1}]
         return load_coco(agn)
+
+    def _things_gt(self):
+        """The ground truth without its stuff categories (Hungarian mapping assigns thing categories only)."""
+        data = self.gt.dataset
+        things = [c for c in data.get("categories", []) if c.get("isthing", 1)]
+        ids = {c["id"] for c in things}
+        sub = {k: v for k, v in data.items() if k not in ("annotations", "categories")}
+        sub["annotations"] = [a for a in data.get("annotations", []) if a.get("category_id") in ids]
+        sub["categories"] = things
+        return load_coco(sub)
 
     def reset(self) -> None:
         self.results = []
@@ -149,7 +167,15 @@ class InstanceEvaluator:
             if isinstance(seg, dict) and isinstance(seg.get("counts"), bytes):
                 q["segmentation"] = {"size": seg["size"], "counts": seg["counts"].decode("ascii")}
             clean.append(q)
-        if self.class_aware:
+        if self.hungarian:
+            clean = self._hungarian_map(clean)
+            out.update(hungarian_clusters_mapped=float(len({q["category_id"] for q in clean if q["category_id"] > 0})))
+            clean = [q for q in clean if q["category_id"] > 0]
+            if not clean:  # no cluster overlaps any object: nothing to score
+                out.update({k: 0.0 for k in SEGM_KEYS + BOX_KEYS})
+                out["num_predictions"] = 0
+                return out
+        elif self.class_aware:
             cats = {c["id"] for c in self.gt.dataset.get("categories", [])}
             bad = sorted({str(q.get("category_id")) for q in clean if q.get("category_id") not in cats})
             if bad:
@@ -169,6 +195,39 @@ class InstanceEvaluator:
         out["num_predictions"] = len(clean)
         return out
 
+    def _hungarian_map(self, results: list[dict]) -> list[dict]:
+        """Cluster ids -> ground-truth thing categories (see the module doc); unmatched -> 0."""
+        import numpy as np
+        from pycocotools import mask as mask_utils
+
+        from labelwise.blocks.matching import hungarian_match
+
+        gt = self.gt
+        things = sorted(c["id"] for c in gt.dataset.get("categories", []) if c.get("isthing", 1))
+        col = {c: j for j, c in enumerate(things)}
+        clusters = sorted({int(q["category_id"]) for q in results})
+        row = {c: i for i, c in enumerate(clusters)}
+        votes = np.zeros((len(clusters), len(things)))
+        by_image: dict[Any, list[dict]] = {}
+        for q in results:
+            by_image.setdefault(q["image_id"], []).append(q)
+        for iid, qs in by_image.items():
+            anns = [a for a in gt.imgToAnns.get(iid, []) if a["category_id"] in col and not a.get("iscrowd", 0)]
+            if not anns:
+                continue
+            g = [gt.annToRLE(a) for a in anns]
+            d = [q["segmentation"] for q in qs]
+            iou = np.asarray(mask_utils.iou(d, g, [0] * len(g))).reshape(len(d), len(g))
+            best = iou.argmax(1)
+            for k, q in enumerate(qs):
+                if iou[k, best[k]] >= 0.5:
+                    votes[row[int(q["category_id"])], col[anns[best[k]]["category_id"]]] += 1
+        mapping = {}
+        if votes.size:
+            r, c = hungarian_match(votes, maximize=True)
+            mapping = {clusters[i]: things[j] for i, j in zip(r.tolist(), c.tolist()) if votes[i, j] > 0}
+        return [{**q, "category_id": mapping.get(int(q["category_id"]), 0)} for q in results]
+
     def compute(self) -> dict[str, Any]:
         gathered = all_gather_object(self.results)
         result = None
@@ -179,5 +238,5 @@ class InstanceEvaluator:
 
     def table(self, result: dict[str, Any] | None = None) -> str:
         r = self.compute() if result is None else result
-        mode = "class-aware" if self.class_aware else "class-agnostic"
+        mode = "Hungarian-mapped" if self.hungarian else "class-aware" if self.class_aware else "class-agnostic"
         return format_table([[k, r[k]] for k in SEGM_KEYS + BOX_KEYS if k in r], [f"metric ({mode})", "value"])

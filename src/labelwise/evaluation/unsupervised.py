@@ -1,8 +1,9 @@
 """Unsupervised segmentation: Hungarian matching of clusters to classes, then mIoU.
 
 The state is a ``K x C`` confusion matrix (rows: predicted cluster, columns: ground-truth
-class; pixels with ground truth ``ignore_index`` skipped; a predicted 255 counts as a
-wrong pixel for its ground-truth class). At :meth:`compute` the clusters are matched
+class; pixels with ground truth ``ignore_index`` skipped; a predicted ``unassigned`` id --
+255 by default, -1 for maps read with :func:`labelwise.io.read_cluster_map`, which also holds
+16-bit maps of more than 255 clusters -- counts as a wrong pixel for its ground-truth class). At :meth:`compute` the clusters are matched
 one-to-one to classes maximising the number of agreeing pixels (scipy
 ``linear_sum_assignment`` via :func:`labelwise.blocks.matching.hungarian_match`). With more
 clusters than classes (``K > C``) the surplus clusters stay unmatched and all their
@@ -33,8 +34,9 @@ __all__ = ["UnsupervisedMetric"]
 
 class UnsupervisedMetric(Metric):
     def __init__(self, num_clusters: int | None, num_classes: int, class_names: Sequence[str] | None = None,
-                 ignore_index: int = 255):
+                 ignore_index: int = 255, unassigned: int | None = None):
         super().__init__()
+        self.unassigned_id = int(ignore_index if unassigned is None else unassigned)
         self.fixed = num_clusters is not None
         self.num_classes = int(num_classes)
         self.class_names = unique_names(list(class_names) if class_names is not None
@@ -54,7 +56,7 @@ class UnsupervisedMetric(Metric):
             self.confusion = torch.cat([self.confusion, pad], 0)
 
     def update(self, pred: Any, target: Any) -> None:
-        """Add ``[B x] H x W`` cluster ids (0..K-1, 255 = unassigned) and ground-truth classes."""
+        """Add ``[B x] H x W`` cluster ids (0..K-1, ``unassigned`` = none) and ground-truth classes."""
         pred = as_tensor(pred)
         target = as_tensor(target, pred.device)
         if pred.shape != target.shape:
@@ -64,17 +66,17 @@ class UnsupervisedMetric(Metric):
         ig, C = self.ignore_index, self.num_classes
         p, t = pred.reshape(-1).long(), target.reshape(-1).long()
         check_labels(t, C, ig, "ground truth")
-        if not self.fixed:
-            real = p[p != ig]
-            if real.numel():
-                if int(real.min()) < 0:
-                    raise LabelwiseError(f"prediction holds negative cluster id {int(real.min())}")
-                self._grow(int(real.max()) + 1)
+        none = p == self.unassigned_id
+        real = p[~none]
+        if not self.fixed and real.numel():
+            if int(real.min()) < 0:
+                raise LabelwiseError(f"prediction holds negative cluster id {int(real.min())}")
+            self._grow(int(real.max()) + 1)
         K = self.num_clusters
-        check_labels(p, K, ig, "cluster prediction")
-        valid = (t != ig) & (p != ig)
+        check_labels(real, K, self.unassigned_id, "cluster prediction")
+        valid = (t != ig) & ~none
         self.confusion += torch.bincount(p[valid] * C + t[valid], minlength=K * C).reshape(K, C)
-        miss = (t != ig) & (p == ig)
+        miss = (t != ig) & none
         self.unassigned += torch.bincount(t[miss], minlength=C)
 
     def reset(self) -> None:

@@ -172,10 +172,10 @@ def _cluster_merge(k: int, seed: int):
 
 def write_cluster_maps(out: str | Path, images: str | Path, maps_dir: str | Path, level: str = "semantic") -> int:
     """Paint the clustered masks of ``level`` (ascending score, best on top) into
-    ``maps_dir/<file stem>.png`` cluster-id maps (0..K-1, 255 = none); every image of the
-    folder gets a map (all 255 when it has no mask), so ``evaluate unsupervised`` sees them all.
-    Returns the number of maps written."""
-    from labelwise.io import read_image, write_label
+    ``maps_dir/<file stem>.png`` cluster-id maps (0..K-1; 255 = none, or a 16-bit PNG with
+    65535 = none for more than 255 clusters); every image of the folder gets a map (all none when
+    it has no mask), so ``evaluate unsupervised`` sees them all. Returns the number of maps written."""
+    from labelwise.io import read_image, write_cluster_map
     from labelwise.masks import decode_mask
 
     results = json.loads(Path(out).read_text())
@@ -185,6 +185,8 @@ def write_cluster_maps(out: str | Path, images: str | Path, maps_dir: str | Path
             by_file.setdefault(r["file_name"], []).append(r)
     images = Path(images)
     maps_dir = Path(maps_dir)
+    # 8-bit maps (255 = none) up to 255 clusters, 16-bit above (labelwise.io.write_cluster_map)
+    num_clusters = max([int(r["category_id"]) for r in results] + [1])
     n = 0
     for path in list_images(images):
         name = path.relative_to(images).as_posix()
@@ -196,9 +198,9 @@ def write_cluster_maps(out: str | Path, images: str | Path, maps_dir: str | Path
                 h, w = read_image(path).shape[:2]
             except LabelwiseError:
                 continue  # unreadable: listed in FILE.skipped.txt
-        lab = np.full((h, w), 255, dtype=np.uint8)
+        lab = np.full((h, w), -1, dtype=np.int64)
         for r in recs:                                 # a few dozen masks per image
-            lab[decode_mask(r["segmentation"]).astype(bool)] = min(int(r["category_id"]) - 1, 254)
-        write_label(maps_dir / (Path(name).with_suffix("").as_posix() + ".png"), lab)
+            lab[decode_mask(r["segmentation"]).astype(bool)] = int(r["category_id"]) - 1
+        write_cluster_map(maps_dir / (Path(name).with_suffix("").as_posix() + ".png"), lab, num_clusters)
         n += 1
     return n

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from labelwise.errors import LabelwiseError
-from labelwise.io import IGNORE_INDEX, list_images, read_image, read_label, write_image
+from labelwise.io import IGNORE_INDEX, list_images, read_cluster_map, read_image, write_image
 from labelwise.masks import decode_mask
 from labelwise.report.html import Section, headline, html_table, img_html, swatch, write_report
 from labelwise.report.images import colorize_label, overlay, resize_image
@@ -490,7 +490,10 @@ class _Ctx:
 def _read_label_at(path: Path | None, size_hw: tuple[int, int], ctx: _Ctx) -> np.ndarray | None:
     if path is None:
         return None
-    lab = read_label(path)
+    # label PNGs and 16-bit cluster maps (more than 255 clusters, io.write_cluster_map) alike;
+    # the palette has 255 colours, so beyond that cluster colours repeat
+    ids = read_cluster_map(path)
+    lab = np.where(ids < 0, 255, ids % 255).astype(np.uint8)
     if lab.shape != tuple(size_hw):
         ctx.stats["size_mismatch"] = ctx.stats.get("size_mismatch", 0) + 1
     return lab

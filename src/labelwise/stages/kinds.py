@@ -10,7 +10,9 @@ train          method, preset, steps | epochs, set [k=v], config      ``run``
 infer          run, split, what [..], set [infer.k=v], data,          ``out`` and one per ``what``
                checkpoint, seeds                                     (the same folder)
 evaluate       task, pred, split, gt (default: data), label,         ``metrics`` (json file)
-               bg_threshold, class_aware, num_clusters
+               bg_threshold, class_aware, class_agnostic, hungarian,
+               level,
+               num_clusters
 pseudo-masks   method (oap|maskcut|tokencut), data, split, set       ``json``, ``out``
                [k=v], clusters
 =============  ====================================================  ==========================
@@ -120,6 +122,10 @@ class EvaluateFields:
     label: str | None = param(None, help="row name in the comparison table (default: the stage name)")
     bg_threshold: float | None = param(None, range=(0.0, 1.0), help="semantic: score CAM seeds at this threshold")
     class_aware: bool = param(False)
+    class_agnostic: bool = param(False, help="panoptic: collapse all categories into one 'object' category")
+    hungarian: bool = param(False, help="instance: map cluster ids to categories (Hungarian) and score class-aware")
+    level: str | None = param(None, choices=("instance", "semantic", "all"),
+                              help="instance / panoptic: which level of results that carry one (default instance / all)")
     num_clusters: int | None = param(None, range=(1, None))
 
 
@@ -137,7 +143,9 @@ def run_evaluate(f: EvaluateFields, out: Path, ctx: StageContext) -> dict:
     if f.task in ("semantic", "parts", "unsupervised"):
         opts["device"] = resolve_device(ctx.device)
     if f.task == "instance":
-        opts["class_aware"] = f.class_aware
+        opts.update(class_aware=f.class_aware, hungarian=f.hungarian, level=f.level or "instance")
+    if f.task == "panoptic":
+        opts.update(level=f.level or "all", class_agnostic=f.class_agnostic)
     if f.task == "unsupervised":
         opts["num_clusters"] = f.num_clusters
     result = evaluate(f.task, f.pred, f.gt or _data(None, ctx), f.split, **opts)

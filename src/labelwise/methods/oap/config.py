@@ -23,7 +23,8 @@ class OAPModelConfig:
     weights: str | None = param(None, path=True, help="path to a backbone checkpoint (overrides pretrained)")
     timm_kwargs: dict = param(default_factory=dict, help="extra timm constructor arguments (e.g. a small ViT)")
     adapter: bool = param(True, help="ViT only: ViT-Adapter multi-scale branch with zero-initialised injectors "
-                                     "(OAP Sec. 4.3); false = the ViT's parameter-free pyramid")
+                                     "(OAP Sec. 4.3); false = the ViT's parameter-free pyramid (its last tokens resampled to "
+                                     "strides 4-32), keys of the last block")
     adapter_heads: int = param(6, range=(1, None), help="ViT-Adapter deformable attention heads")
     key_stride: int = param(8, range=(1, None), help="CNN only: stride of the feature map OAP pools as keys")
     conv_dim: int = param(256, range=(8, None), help="pixel decoder width (Mask2Former: 256)")
@@ -61,6 +62,13 @@ class OAPLossConfig:
     mask: float = param(5.0, range=(0.0, None), help="BCE weight of the mask loss (Mask2Former: 5.0)")
     dice: float = param(5.0, range=(0.0, None), help="Dice weight of the mask loss (Mask2Former: 5.0)")
     distill: float = param(1.0, range=(0.0, None), help="query-wise self-distillation weight (Eq. 7)")
+    objectness: float = param(2.0, range=(0.0, None),
+                              help="weight of Mask2Former's class loss, here one 'object' class + no-object: a "
+                                   "query matched to a teacher mask is an object, an unmatched one is not "
+                                   "(Mask2Former: 2.0; the paper keeps Mask2Former's official setting, and the "
+                                   "categories come from the DINO codes). Its probability ranks the masks at "
+                                   "inference; 0 = no class head (masks ranked by mask score alone)")
+    no_object: float = param(0.1, range=(0.0, 1.0), help="class weight of no-object (Mask2Former eos_coef 0.1)")
     num_points: int = param(12544, range=(1, None), help="importance-sampled points per mask (Mask2Former 12544)")
     oversample: float = param(3.0, range=(1.0, None), help="point oversampling ratio (3.0)")
     importance: float = param(0.75, range=(0.0, 1.0), help="importance sample ratio (0.75)")
@@ -87,6 +95,12 @@ class OAPMethodConfig:
     momentum_schedule: str = param("cosine", choices=("cosine", "constant"), help="teacher momentum schedule")
     levels: list[str] = param(["semantic", "instance"], choices=("semantic", "instance"),
                               help="pseudo-mask levels used as targets")
+    targets: str = param("oap", choices=("oap", "ground_truth"),
+                         help="where the teacher's masks come from: 'oap' (the method: OAP on the teacher's keys) "
+                              "or 'ground_truth' -- a diagnostic control, not the method: the dataset's instance "
+                              "masks (instance level) and class regions (semantic level) of the global view replace "
+                              "OAP's, everything else unchanged (Eq. 6 teacher codes, cropped matching, losses), to "
+                              "tell whether the student side learns when its targets are good (needs coco: data)")
     max_targets: int = param(0, range=(0, None), help="keep at most this many teacher masks per image and level, "
                                                       "best score first (0 = all)")
 
@@ -101,6 +115,10 @@ class OAPMethodConfig:
 class OAPInferConfig(InferConfig):
     size: int = param(0, range=(0, None), help="resize inputs to size x size (0 = oap.global_size)")
     score_threshold: float = param(0.0, range=(0.0, 1.0), help="drop predicted masks below this score")
+    teacher: str = param("final", choices=("final", "initial"),
+                         help="--what pseudo: whose OAP pseudo-masks -- the run's final EMA teacher, or the "
+                              "initial one (the pretrained encoder before any training: the raw pseudo-masks the "
+                              "run started from; needs the backbone's pretrained weights)")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from labelwise.blocks.mask_losses import mask_losses
 from labelwise.blocks.matching import crop_masks_to_view, match_per_level
@@ -61,6 +62,18 @@ def oap_mask_loss(pred_masks: torch.Tensor, targets: list[ViewTargets], matches,
     p, t = gather_pairs(pred_masks, targets, matches)
     return mask_losses(p, t, num_points=num_points, oversample=oversample, importance=importance,
                        generator=generator, num_masks=num_masks)
+
+
+def objectness_loss(pred_logits: torch.Tensor, matches, no_object: float) -> torch.Tensor:
+    """Mask2Former's class loss with one class: ``pred_logits`` (V, Q, 2) (object, no-object) of
+    every view; a query matched to a teacher mask is an object, every other query no-object;
+    cross-entropy weighted ``[1, no_object]`` (Mask2Former's ``empty_weight``), weighted mean."""
+    V, Q = pred_logits.shape[:2]
+    target = torch.ones(V, Q, dtype=torch.long, device=pred_logits.device)
+    for v, (q, _) in enumerate(matches):
+        target[v, q] = 0
+    weight = pred_logits.new_tensor([1.0, no_object]).float()
+    return F.cross_entropy(pred_logits.float().flatten(0, 1), target.flatten(), weight=weight)
 
 
 def query_distillation(student_logits: torch.Tensor, targets: list[ViewTargets], matches, center: torch.Tensor,

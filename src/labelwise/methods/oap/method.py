@@ -1,5 +1,6 @@
-"""``oap``: the training step (teacher OAP targets -> cropped matching -> mask + distillation losses),
-the DINO-style hooks and (TODO) inference. See the package docstring."""
+"""``oap``: the training step (teacher OAP targets -> cropped matching -> mask, objectness and
+distillation losses), the DINO-style hooks and inference (universal masks; the teacher's own
+pseudo-masks). See the package docstring."""
 
 from __future__ import annotations
 
@@ -50,11 +51,52 @@ class _TrainTransform:
         loc = MultiCropTransform(local_size=o.local_size, n_global=0, n_local=o.n_local,
                                  local_scale=tuple(o.local_scale), flip_p=flip_p, generator=g)({"image": sub})
         scale = torch.tensor([o.global_size / (x1 - x0), o.global_size / (y1 - y0)] * 2, dtype=torch.float32)
-        return {"global": glob["global_views"][0].as_subclass(torch.Tensor),
+        extra = {}
+        if o.targets == "ground_truth":  # diagnostic control (oap.targets): the dataset's masks of the global view
+            extra = _ground_truth_maps(item, (x0, y0, x1, y1), o.global_size, bool(glob["global_flips"][0]))
+        return {**extra, "global": glob["global_views"][0].as_subclass(torch.Tensor),
                 "global_flip": torch.as_tensor(bool(glob["global_flips"][0])),
                 "locals": torch.stack([v.as_subclass(torch.Tensor) for v in loc["local_views"]]),
                 "local_boxes": loc["local_boxes"].float() * scale,
                 "local_flips": loc["local_flips"].bool()}
+
+
+def _ground_truth_maps(item: dict, box, size: int, flip: bool) -> dict:
+    """``oap.targets=ground_truth``: the item's instance-id map (0 = none, 1..N in annotation order)
+    and semantic class map (255 = ignore) cut to the global view's ``box``, resized (nearest) to
+    ``size`` and mirrored like the view -- the frame of the teacher's keys."""
+    import torch.nn.functional as F
+
+    if "instances" not in item or item.get("mask") is None:
+        raise LabelwiseError("oap.targets=ground_truth needs instance and semantic masks (a coco:ROOT dataset); "
+                             "use oap.targets=oap")
+    H, W = item["image"].shape[:2]
+    inst = np.zeros((H, W), np.int64)
+    for k, ins in enumerate(item["instances"], start=1):
+        inst[np.asarray(ins["mask"], bool)] = k
+    x0, y0, x1, y1 = box
+    maps = torch.stack([torch.from_numpy(inst[y0:y1, x0:x1]),
+                        torch.from_numpy(np.asarray(item["mask"], np.int64)[y0:y1, x0:x1])]).float()
+    maps = F.interpolate(maps[None], size=(size, size), mode="nearest")[0].long()
+    if flip:
+        maps = maps.flip(-1)
+    return {"gt_instances": maps[0], "gt_semantic": maps[1]}
+
+
+def _ground_truth_masks(inst: torch.Tensor, sem: torch.Tensor, levels) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's ground-truth masks ``(T, S, S)`` bool and levels ``(T,)`` from its maps: every
+    class region of ``sem`` (semantic level, 255 skipped) and every instance of ``inst``."""
+    from labelwise.methods.oap.model import LEVEL_IDS
+
+    ms, lv = [], []
+    for name, m, skip in (("semantic", sem, 255), ("instance", inst, 0)):
+        if name not in levels:
+            continue
+        ids = torch.unique(m)
+        ids = ids[ids != skip]
+        ms.append(m[None] == ids[:, None, None])
+        lv.append(torch.full((len(ids),), LEVEL_IDS[name], dtype=torch.long, device=m.device))
+    return torch.cat(ms), torch.cat(lv)
 
 
 class _InferTransform:
@@ -78,13 +120,14 @@ class OAPMethod(Method):
     name = "oap"
     config_cls = OAPTrainConfig
     description = "OAP: online agglomerative pooling, self-supervised universal segmentation (teacher-student)"
-    outputs = {"universal": "universal"}
+    outputs = {"universal": "universal", "pseudo": "clustered_masks"}
     uses_ema = True
     testbed = "objects"
 
     def __init__(self):
         self._center_logits = None
         self._pooling = None
+        self._initial = None  # infer.teacher=initial: built once per inference pass
 
     # ------------------------------------------------------------------ model and state
     def build_model(self, cfg, info, *, pretrained=True):
@@ -122,7 +165,12 @@ class OAPMethod(Method):
         xg, xl = batch["global"], batch["locals"]
         B, n = xl.shape[:2]
         # Teacher: OAP on its keys of the global view, every step, batched (Sec. 4.2-4.3).
-        tg = teacher_targets(teacher, xg, self.pooling(cfg), levels=tuple(oc.levels), max_targets=oc.max_targets)
+        given = None
+        if oc.targets == "ground_truth":  # diagnostic control: the dataset's masks replace OAP's (oap.targets)
+            given = [_ground_truth_masks(batch["gt_instances"][b], batch["gt_semantic"][b], oc.levels)
+                     for b in range(xg.shape[0])]
+        tg = teacher_targets(teacher, xg, self.pooling(cfg), levels=tuple(oc.levels), max_targets=oc.max_targets,
+                             given=given)
         # Student: the local views.
         out = model(xl.flatten(0, 1))
         hw = tuple(out["pred_masks"].shape[-2:])
@@ -148,6 +196,11 @@ class OAPMethod(Method):
             total = total + lc.mask * ml["loss_mask"] + lc.dice * ml["loss_dice"]
             if k == 0:
                 logs.update(mask=ml["loss_mask"].detach(), dice=ml["loss_dice"].detach())
+            if "pred_logits" in p:
+                obj = L.objectness_loss(p["pred_logits"], m, lc.no_object)
+                total = total + lc.objectness * obj
+                if k == 0:
+                    logs["objectness"] = obj.detach()
         sd, t_logits = L.query_distillation(out["logits"], targets, matches[0], ctx.state.center, lc.teacher_temp,
                                             lc.student_temp, lc.distill_reduction)
         total = total + lc.distill * sd
@@ -176,7 +229,56 @@ class OAPMethod(Method):
     def inference_transform(self, cfg, info):
         return _InferTransform(cfg.infer.size or cfg.oap.global_size)
 
+    def writer_options(self, cfg, what):
+        # --what pseudo: k-means of OAP's key-space Eq. 6 features into K = model.out_dim clusters
+        # (as `labelwise pseudo-masks oap --clusters K`), the raw counterpart of the DINO codes
+        return {"name": "pseudo", "clusters": cfg.model.out_dim, "seed": cfg.train.seed} if what == "pseudo" else {}
+
+    def _initial_teacher(self, ctx: PredictContext) -> OAPNet:
+        """The teacher at step 0 for ``infer.teacher=initial``: the pretrained encoder (all that OAP
+        reads), decoder and head as built (their random values do not touch the masks)."""
+        if self._initial is None:
+            self._initial = self.build_model(ctx.cfg, ctx.info, pretrained=True).to(ctx.device).eval()
+        return self._initial
+
+    def predict_pseudo(self, model, batch, ctx: PredictContext) -> list[list[dict]]:
+        """``--what pseudo``: the teacher's OAP pseudo-masks of each image (what training matches the
+        student to, every mask of both levels), upsampled from the key grid to image size (bilinear,
+        > 0.5), OAP's score; ``category_id`` = k-means cluster (K = ``model.out_dim``) of OAP's
+        key-space Eq. 6 features over the whole split (``ClusteredMasksWriter``), and the semantic
+        masks painted into ``PRED/pseudo_clusters/<image_id>.png``."""
+        import torch.nn.functional as F
+
+        from labelwise.masks import encode_masks
+        from labelwise.pseudo.common import _bboxes, encode_embedding
+
+        teacher = self._initial_teacher(ctx) if ctx.cfg.infer.teacher == "initial" else model
+        tg = teacher_targets(teacher, batch["inputs"], self.pooling(ctx.cfg), levels=("semantic", "instance"))
+        res = []
+        for b, item in enumerate(batch["items"]):
+            H, W = item["image"].shape[:2]
+            t = tg[b]
+            masks = (F.interpolate(t.masks[None].float(), size=(H, W), mode="bilinear", align_corners=False)[0]
+                     > 0.5).cpu().numpy()
+            keep = np.nonzero(masks.reshape(len(masks), -1).any(1))[0]
+            ms = masks[keep]
+            sc, lv, fe = t.scores.cpu().numpy(), t.level.cpu().numpy(), t.features.cpu()
+            res.append([{"category_id": 1, "segmentation": rle, "score": round(float(sc[k]), 6),
+                         "bbox": [float(v) for v in box], "area": int(m.sum()),
+                         "level": "semantic" if lv[k] == 0 else "instance", "embedding": encode_embedding(fe[k])}
+                        for k, m, rle, box in zip(keep.tolist(), ms, encode_masks(ms), _bboxes(ms))])
+        return res
+
     def predict(self, model, batch, ctx: PredictContext):
+        if "universal" not in ctx.what:
+            return [{"pseudo": p} for p in self.predict_pseudo(model, batch, ctx)]
+        res = self.predict_universal(model, batch, ctx)
+        if "pseudo" in ctx.what:
+            for r, p in zip(res, self.predict_pseudo(model, batch, ctx)):
+                r["pseudo"] = p
+        return res
+
+    def predict_universal(self, model, batch, ctx: PredictContext):
         """Universal masks: every query's mask (sigmoid > 0.5 at image size), scored by its mean
         probability inside the mask (Mask2Former's mask score), with cluster id = argmax of its
         DINO code over K; semantic queries -> ``level`` semantic, instance queries -> instance.
@@ -192,6 +294,7 @@ class OAPMethod(Method):
         out = model(x)
         level = out["level"].cpu().numpy()
         clusters = out["logits"].float().argmax(-1).cpu().numpy()
+        obj = out["pred_logits"].float().softmax(-1)[..., 0] if "pred_logits" in out else None
         res = []
         for b, item in enumerate(items):
             H, W = item["image"].shape[:2]
@@ -200,6 +303,8 @@ class OAPMethod(Method):
             masks = prob > 0.5
             area = masks.flatten(1).sum(1)
             score = (prob * masks).flatten(1).sum(1) / area.clamp(min=1)
+            if obj is not None:  # Mask2Former: class probability x mask score
+                score = score * obj[b]
             keep = ((area > 0) & (score >= ic.score_threshold)).cpu().numpy()
             idx = np.nonzero(keep)[0]
             ms = masks[torch.as_tensor(idx, device=masks.device)].cpu().numpy() if len(idx) else \
@@ -211,10 +316,9 @@ class OAPMethod(Method):
                     records.append({"category_id": int(clusters[b, k]) + 1, "segmentation": rle,
                                     "score": round(float(sc[k]), 6), "bbox": [float(v) for v in box],
                                     "area": int(area[k]), "level": "semantic" if level[k] == 0 else "instance"})
-            cmap = np.full((H, W), 255, np.uint8)
-            if K <= 255:  # uint8 PNG; K > 255 (coco: 512) has the clusters in universal.json only (TODO)
-                sem = [i for i, k in enumerate(idx.tolist()) if level[k] == 0]
-                for i in sorted(sem, key=lambda i: sc[idx[i]]):
-                    cmap[ms[i]] = clusters[b, idx[i]]
-            res.append({"universal": {"masks": records, "clusters": cmap}})
+            cmap = np.full((H, W), -1, np.int64)  # 8-bit PNG for K <= 255, 16-bit above (io.write_cluster_map)
+            sem = [i for i, k in enumerate(idx.tolist()) if level[k] == 0]
+            for i in sorted(sem, key=lambda i: sc[idx[i]]):
+                cmap[ms[i]] = clusters[b, idx[i]]
+            res.append({"universal": {"masks": records, "clusters": cmap, "num_clusters": K}})
         return res

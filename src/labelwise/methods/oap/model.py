@@ -44,10 +44,7 @@ class OAPNet(nn.Module):
                              weights=m.weights if pretrained else None, strides=(4, 8, 16, 32),
                              **dict(m.timm_kwargs))
         self.is_vit = bool(bb.is_vit)
-        if self.is_vit:
-            if not m.adapter:
-                raise LabelwiseError("config key 'model.adapter' is false: the plain ViT pyramid is not wired yet "
-                                     "for oap (WIP); use model.adapter=true")
+        if self.is_vit and m.adapter:
             from labelwise.modeling.backbones.vit_adapter import ViTAdapter
 
             enc = ViTAdapter(bb, deform_num_heads=m.adapter_heads)
@@ -55,6 +52,9 @@ class OAPNet(nn.Module):
             # norm gets no gradient (DDP needs every trainable parameter used) -> frozen.
             for p in bb.model.norm.parameters():
                 p.requires_grad_(False)
+            self.key_stride = enc.patch_size
+        elif self.is_vit:  # model.adapter=false: the ViT's parameter-free pyramid (resampled last tokens)
+            enc = bb
             self.key_stride = enc.patch_size
         else:
             enc = bb
@@ -69,7 +69,8 @@ class OAPNet(nn.Module):
         self.decoder = MultiScaleMaskedTransformerDecoder(
             in_channels=m.conv_dim, hidden_dim=m.hidden_dim, num_semantic_queries=m.num_semantic_queries,
             num_instance_queries=m.num_instance_queries, nheads=m.nheads, dim_feedforward=m.dim_feedforward,
-            dec_layers=m.dec_layers, mask_dim=m.mask_dim, num_feature_levels=3)
+            dec_layers=m.dec_layers, mask_dim=m.mask_dim, num_feature_levels=3,
+            num_classes=1 if cfg.loss.objectness > 0 else None)  # object / no-object (loss.objectness)
         self.head = DINOHead(m.hidden_dim, m.out_dim, nlayers=3, hidden_dim=m.head_hidden,
                              bottleneck_dim=m.head_bottleneck)
         self.teacher_embed_norm = bool(m.teacher_embed_norm)
@@ -77,7 +78,7 @@ class OAPNet(nn.Module):
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor, keys: bool = False):
         """``(features finest -> coarsest, keys (B, h, w, D) or None)``."""
-        if self.is_vit:
+        if self.is_vit:  # ViTAdapter and the plain Backbone share the call; keys = the last block's
             out = self.backbone(x, return_keys=keys)
             return out.features, out.keys
         out = self.backbone(x)
@@ -110,37 +111,51 @@ class TeacherTargets:
     level: torch.Tensor    # (T,) long, 0 = semantic, 1 = instance (the decoder's query levels)
     logits: torch.Tensor   # (T, K) teacher DINO logits (before centring / sharpening)
     scores: torch.Tensor   # (T,)
+    features: torch.Tensor  # (T, D) OAP's own Eq. 6 supernode features in key space (L2-normalised)
 
 
 @torch.no_grad()
 def teacher_targets(teacher: OAPNet, x: torch.Tensor, pooling, levels=("semantic", "instance"),
-                    max_targets: int = 0) -> list[TeacherTargets]:
+                    max_targets: int = 0, given=None) -> list[TeacherTargets]:
     """OAP on the teacher's keys of the global views ``x`` (B, 3, H, W), batched, every step
     (OAP Sec. 4.2-4.3): per image, the semantic and instance pseudo-masks on the key grid with
-    their teacher DINO logits (Eq. 6 votes of the teacher's mask features, see the module doc)."""
+    their teacher DINO logits (Eq. 6 votes of the teacher's mask features, see the module doc).
+
+    ``given`` (the ``oap.targets=ground_truth`` control): per image ``(masks (T, H, W) bool, level
+    (T,))`` at the view's resolution, used in place of OAP's masks (pooled to the key grid, > 0.5;
+    masks that vanish there are dropped); scores are 1 and ``features`` empty."""
     from labelwise.pseudo.oap.pooling import vote_embeddings
 
     feats, keys = teacher.encode(x, keys=True)
     mask_features, _ = teacher.pixel_decoder(feats)
     B, h, w, _ = keys.shape
-    results = pooling(keys)
+    results = pooling(keys) if given is None else None
     _, A = pooling.prepare(keys)                              # (B, N, N) affinity of the keys
     X = F.adaptive_avg_pool2d(mask_features.float(), (h, w)).flatten(2).transpose(1, 2)  # (B, N, C)
     out = []
-    for b, res in enumerate(results):
-        ms, lv, sc = [], [], []
-        for name in levels:
+    for b in range(B):
+        ms, lv, sc, fs = [], [], [], []
+        if given is not None:
+            gm, gl = given[b]
+            pooled = F.adaptive_avg_pool2d(gm[None].float(), (h, w))[0] > 0.5
+            keep = pooled.flatten(1).any(1)
+            ms, lv = [pooled[keep]], [gl[keep].to(x.device)]
+            sc, fs = [torch.ones(int(keep.sum()), device=x.device)], [keys.new_zeros((int(keep.sum()), 0)).float()]
+        for name in (levels if given is None else ()):
+            res = results[b]
             s = res.level(name)
-            masks, scores = s.masks, s.scores
+            masks, scores, feats_k = s.masks, s.scores, s.features
             if max_targets and len(masks) > max_targets:
                 keep = torch.argsort(scores, descending=True)[:max_targets]
-                masks, scores = masks[keep], scores[keep]
+                masks, scores, feats_k = masks[keep], scores[keep], feats_k[keep]
             ms.append(masks)
+            fs.append(feats_k.float())
             sc.append(scores.float())
             lv.append(torch.full((len(masks),), LEVEL_IDS[name], dtype=torch.long, device=x.device))
         masks = torch.cat(ms)
         emb = vote_embeddings(masks.flatten(1), A[b], X[b], sigma=pooling.cfg.sigma, vote=pooling.cfg.vote)
         logits = teacher.embed_masks(emb.to(mask_features.dtype)) if len(masks) else \
             mask_features.new_zeros((0, teacher.head.last_layer.out_features))
-        out.append(TeacherTargets(masks=masks, level=torch.cat(lv), logits=logits.float(), scores=torch.cat(sc)))
+        out.append(TeacherTargets(masks=masks, level=torch.cat(lv), logits=logits.float(), scores=torch.cat(sc),
+                                  features=torch.cat(fs)))
     return out
