@@ -16,8 +16,8 @@ coco_rle      ``JSON`` (COCO results list) merged from        list of result dic
               ``JSON.parts/shard-RANK.jsonl``                 RLE, ``score``, ``category_id``, ...)
 universal     ``OUT/universal.json`` (as coco_rle, with          ``{"masks": [records], "clusters":
               ``level``) and ``OUT/clusters/<image_id>.png``  H x W cluster ids}``
-clustered_    ``OUT/<name>.json``, k-means of the records'    list of records, each with an
-masks         ``embedding`` -> ``category_id`` at the merge,  ``embedding``
+clustered_    ``OUT/<name>.json``, categories set at the      list of records (e.g. each with
+masks         merge by the method's ``merge`` (k-means),      an ``embedding`` to cluster)
               and ``OUT/<name>_clusters/<image_id>.png``
 ============  ==============================================  ======================================
 
@@ -268,19 +268,18 @@ class UniversalWriter(CocoRLEWriter):
 
 class ClusteredMasksWriter(CocoRLEWriter):
     """Masks whose categories are found once every image is done: ``OUT/<name>.json`` (COCO RLE
-    results with ``level``) whose records carry an ``embedding`` (``pseudo.common.encode_embedding``)
-    that k-means (``clusters`` = K, ``seed``) turns into ``category_id`` = cluster + 1 per level at
-    the merge (the embeddings are then dropped), plus ``OUT/<name>_clusters/<image_id>.png``
+    results with ``level``) whose ``merge`` (given by the method, e.g. k-means of each record's
+    ``embedding`` into ``clusters`` = K groups, ``category_id`` = cluster + 1) runs once all
+    ranks are done, plus ``OUT/<name>_clusters/<image_id>.png``
     cluster-id maps of the semantic-level masks painted in ascending score
     (:func:`labelwise.io.write_cluster_map`). Payload: a
     list of records, as :class:`CocoRLEWriter`."""
 
-    def __init__(self, out: str | Path, *, name: str = "pseudo", clusters: int = 8, seed: int = 0, **kw):
-        from labelwise.pseudo.runner import _cluster_merge
-
+    def __init__(self, out: str | Path, *, merge: Callable[[list[dict]], list[dict]], clusters: int,
+                 name: str = "pseudo", **kw):
         self.maps = Path(out) / f"{name}_clusters"
         self.num_clusters = int(clusters)
-        super().__init__(Path(out) / f"{name}.json", merge=_cluster_merge(int(clusters), int(seed)), **kw)
+        super().__init__(Path(out) / f"{name}.json", merge=merge, **kw)
 
     def write(self, item: dict, payload: list[dict]) -> None:
         img = item["image"]  # as CocoRLEWriter, plus the dataset's image_id that names the map

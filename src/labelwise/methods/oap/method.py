@@ -232,7 +232,12 @@ class OAPMethod(Method):
     def writer_options(self, cfg, what):
         # --what pseudo: k-means of OAP's key-space Eq. 6 features into K = model.out_dim clusters
         # (as `labelwise pseudo-masks oap --clusters K`), the raw counterpart of the DINO codes
-        return {"name": "pseudo", "clusters": cfg.model.out_dim, "seed": cfg.train.seed} if what == "pseudo" else {}
+        if what != "pseudo":
+            return {}
+        from labelwise.pseudo.runner import _cluster_merge
+
+        k = cfg.model.out_dim
+        return {"name": "pseudo", "clusters": k, "merge": _cluster_merge(k, cfg.train.seed)}
 
     def _initial_teacher(self, ctx: PredictContext) -> OAPNet:
         """The teacher at step 0 for ``infer.teacher=initial``: the pretrained encoder (all that OAP
