@@ -11,13 +11,15 @@ from labelwise.cli import COMMANDS, main
 
 SUBCOMMANDS = [
     ["data"], ["data", "synth"], ["data", "check"], ["train"], ["infer"], ["pseudo-masks"],
-    ["evaluate"], ["run"], ["demo"], ["bench"], ["bench", "oap"], ["bench", "train"], ["bench", "infer"],
-    ["bench", "crf"], ["bench", "seco"], ["bench", "cobra"], ["bench", "oap-train"],
+    ["evaluate"], ["explain"], ["run"], ["demo"], ["bench"], ["bench", "oap"], ["bench", "train"],
+    ["bench", "infer"], ["bench", "crf"], ["bench", "seco"], ["bench", "cobra"], ["bench", "oap-train"],
+    ["bench", "cocal"],
 ]
 # commands that run a model take --device; every command that works takes --no-progress and,
 # where it has settings, a repeatable dotted --set
-RUNS_A_MODEL = [["train"], ["infer"], ["pseudo-masks"], ["evaluate"], ["run"], ["demo"], ["bench", "oap"],
-                ["bench", "train"], ["bench", "infer"], ["bench", "seco"], ["bench", "cobra"], ["bench", "oap-train"]]
+RUNS_A_MODEL = [["train"], ["infer"], ["pseudo-masks"], ["evaluate"], ["explain"], ["run"], ["demo"], ["bench", "oap"],
+                ["bench", "train"], ["bench", "infer"], ["bench", "seco"], ["bench", "cobra"], ["bench", "oap-train"],
+                ["bench", "cocal"]]
 WORKS = RUNS_A_MODEL + [["data", "synth"], ["data", "check"], ["bench", "crf"]]
 HAS_SET = [["train"], ["infer"], ["pseudo-masks"], ["run"]]
 

@@ -23,6 +23,7 @@ COMMANDS = [
     ("pseudo-masks", "labelwise.cli.pseudo_masks", "unsupervised pseudo-masks (OAP, MaskCut, TokenCut) for a folder of images"),
     ("evaluate", "labelwise.cli.evaluate", "score predictions against ground truth"),
     ("show", "labelwise.cli.show", "overlays of predicted masks (and ground truth) on their images and an HTML gallery"),
+    ("explain", "labelwise.cli.explain", "CoCal: a run's dictionary components and chosen part -> object paths on one image"),
     ("run", "labelwise.cli.run", "run a recipe: resumable stages (train, infer, evaluate, ...) and a comparison table"),
     ("demo", "labelwise.cli.demo", "end-to-end demo on a synthetic testbed with an HTML report"),
     ("bench", "labelwise.cli.bench", "speed and quality benchmarks"),

@@ -1,4 +1,4 @@
-"""``labelwise bench {oap,oap-train,train,infer,crf,seco,cobra} [...] [--json OUT.json]``: speed/quality benchmarks.
+"""``labelwise bench {oap,oap-train,train,infer,crf,seco,cobra,cocal} [...] [--json OUT.json]``: speed/quality benchmarks.
 
 Each benchmark is a module ``labelwise.benchmarks.<name>`` (``-`` in the name is ``_``) with ``add_arguments(parser)``
 and ``run(args) -> dict`` returning ``{"<variant>": {"ms_per_image": float, ...}, ...}``.
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "crf": "dense CRF speed",
     "seco": "SeCo training step time and memory vs its baseline row and the cam baseline",
     "cobra": "step time and memory of every CoBra pipeline stage (cobra, irn, segmenter) vs the cam baseline",
+    "cocal": "CoCal and kMaX-DeepLab training step time and memory vs the cam baseline",
 }
 
 

@@ -15,6 +15,12 @@ The demo is the shipped ``demo`` recipe (``labelwise/recipes/demo.yaml``; ``labe
    failure there is reported, not fatal);
 3. ``OUT/metrics.json`` (summary) and ``OUT/report.html`` (self-contained: images inline as
    base64 PNG, inline SVG).
+
+``--with-cocal`` adds CoCal object parsing on its own small ``parts`` testbed: two more stages
+run resumably into ``--out`` (``OUT/cocal_testbed``, ``OUT/cocal``: the cocal cpu preset for
+``--cocal-steps``), then one val image is parsed and explained (``OUT/cocal_explain``, the
+``labelwise explain`` page) and the report gets a section with its part map, object map and
+``part -> object`` paths.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from labelwise.io import atomic_write_json
 
 RECIPE = "demo"
 DEFAULTS = {"out": "labelwise-demo", "train": 200, "val": 60, "size": 128, "seed": 0, "examples": 6}
+# --with-cocal: a small parts testbed (160 px: the cocal cpu preset's crop) and a short run
+COCAL = {"train": 48, "val": 4, "size": 160, "steps": 150}
 SPLITS = ("train", "val")
 
 
@@ -66,6 +74,13 @@ def register(subparsers, name: str, help_text: str) -> None:
                         "cpu presets) and show it beside the CAM baseline (needs the train and val splits)")
     p.add_argument("--cobra-steps", type=int, default=None, metavar="N",
                    help="with --with-cobra: CoBra's optimisation steps (default: its cpu preset's)")
+    p.add_argument("--with-cocal", action="store_true",
+                   help=f"also train CoCal (its cpu preset) on a small parts testbed ({COCAL['train']} train / "
+                        f"{COCAL['val']} val images, {COCAL['size']} px) and show one parsed val image (part map, "
+                        "object map, part -> object paths) in the report (about 3 more minutes on a 2-core CPU)")
+    p.add_argument("--cocal-steps", type=int, default=None, metavar="N",
+                   help=f"with --with-cocal: CoCal's optimisation steps (default {COCAL['steps']}; its cpu preset "
+                        "trains 600)")
     p.add_argument("--no-real-photos", action="store_true",
                    help="skip the EfficientNet-Lite0 CAMs of skimage.data photos")
     add_common(p)
@@ -85,6 +100,12 @@ def _splits(args) -> list[str]:
         raise LabelwiseError(f"--size {args.size}: use at least 32 pixels")
     if args.steps is not None and args.steps < 1:
         raise LabelwiseError(f"--steps {args.steps}: must be a positive number of steps")
+    cocal_steps = getattr(args, "cocal_steps", None)
+    if cocal_steps is not None:
+        if not getattr(args, "with_cocal", False):
+            raise LabelwiseError("--cocal-steps goes with --with-cocal (add --with-cocal or drop --cocal-steps)")
+        if cocal_steps < 1:
+            raise LabelwiseError(f"--cocal-steps {cocal_steps}: must be a positive number of steps")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
@@ -174,6 +195,56 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "inf" if math.isinf(f) else ("-" if math.isnan(f) else f"{f:.{digits}f}")
 
 
+def cocal_recipe(args):
+    """``--with-cocal``: the stages ``cocal_testbed`` (a small parts testbed) and ``cocal`` (the cocal
+    cpu preset on it), run into the demo's folder like the recipe's own stages (resumable)."""
+    from labelwise.stages.recipe import Recipe, Stage
+
+    steps = args.cocal_steps if args.cocal_steps is not None else COCAL["steps"]
+    synth = {"testbed": "parts", "train": COCAL["train"], "val": COCAL["val"], "size": COCAL["size"],
+             "seed": args.seed}
+    train = {"method": "cocal", "preset": "cpu", "steps": int(steps), "data": "${cocal_testbed.spec}"}
+    return Recipe(path=None, description="labelwise demo --with-cocal: CoCal on a small parts testbed",
+                  stages=[Stage("cocal_testbed", "synth", synth), Stage("cocal", "train", train)])
+
+
+def cocal_demo(out: Path, args) -> tuple[Any, dict]:
+    """Run the ``--with-cocal`` stages, explain the first val image (``OUT/cocal_explain``) and return
+    ``(report section, summary)``."""
+    from labelwise.data.synth import load_meta
+    from labelwise.engine.api import load_run
+    from labelwise.io import list_images, read_image
+    from labelwise.report.demo import cocal_section
+    from labelwise.report.explain import compute_explanation, write_explanation
+    from labelwise.stages import run_recipe
+
+    print("CoCal (--with-cocal): object parsing on a small parts testbed", flush=True)
+    res = run_recipe(cocal_recipe(args), out, device=args.device, show_progress=not args.no_progress)
+    root, run_dir = Path(res["stages"]["cocal_testbed"]["root"]), Path(res["stages"]["cocal"]["run"])
+    val = list_images(root / "images" / "val")
+    if not val:
+        raise LabelwiseError(f"{root}: the parts testbed has no val images; delete OUT/cocal_testbed and re-run")
+    image_path = val[0]
+    loaded = load_run(run_dir, args.device)
+    ex = compute_explanation(loaded, read_image(image_path), max_side=256, image_name=image_path.name)
+    explained = write_explanation(ex, out / "cocal_explain", progress=False)
+    log = read_log(run_dir / "log.jsonl")
+    steps = max((int(r["step"]) for r in log if "step" in r and "loss" in r), default=None)
+    meta = load_meta(root)
+    summary = {"run_dir": str(run_dir), "data": res["stages"]["cocal_testbed"]["spec"], "steps": steps,
+               "testbed": {k: meta.get(k) for k in ("size", "splits", "seed")}, "image": str(image_path),
+               "explain": str(out / "cocal_explain" / "index.html"), "paths": explained["paths"],
+               "changed_by_path": explained["changed_by_path"],
+               "parts_nearest_parent": sum(explained["parent_is_nearest"])}
+    gt_dir = {lv: root / lv / "val" for lv in ("parts", "objects")}
+    section = cocal_section(ex, summary, gt={lv: d / f"{image_path.stem}.png" for lv, d in gt_dir.items()},
+                            explain_link="cocal_explain/index.html")
+    top = ", ".join(f"{r['part_name']} -> {r['object_name']} {100 * r['share']:.0f}%" for r in ex.paths()[:3])
+    print(f"      parsed {image_path.name}: {len(summary['paths'])} paths ({top}); explained in "
+          f"{summary['explain']}", flush=True)
+    return section, summary
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -227,6 +298,11 @@ def run(args) -> int:
     log = read_log(run_dir / "log.jsonl")
     last_step = max((int(r["step"]) for r in log if "step" in r and "loss" in r), default=None)
 
+    cocal_sections, cocal_summary = [], None
+    if args.with_cocal:
+        section, cocal_summary = cocal_demo(out, args)
+        cocal_sections.append(section)
+
     # real photos ------------------------------------------------------------------------
     photos: list[tuple[str, np.ndarray, list]] = []
     photo_note = ""
@@ -263,6 +339,8 @@ def run(args) -> int:
         "real_photos": [{"photo": n, "top": [{"class": c.name, "index": c.index, "prob": c.prob} for c in cs]}
                         for n, _, cs in photos],
     }
+    if cocal_summary is not None:
+        summary["cocal"] = cocal_summary
     names = class_names_of(data_root)
     if names:
         summary["threshold_sweep"] = {headline_split: threshold_sweep(
@@ -284,7 +362,7 @@ def run(args) -> int:
     report = build_demo_report(out / "report.html", summary=summary, data_root=data_root, pred_dirs=pred_dirs,
                                bg_threshold=bg, log=log, table=res["table"], photos=photos,
                                photo_note=photo_note, n_examples=args.examples, compare=compare,
-                               compare_split="val")
+                               compare_split="val", extra_sections=cocal_sections)
 
     print("", flush=True)
     print(f"Report: {report}", flush=True)

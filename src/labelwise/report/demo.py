@@ -327,10 +327,43 @@ def side_by_side_section(data_root: Path, split: str, ids: Sequence[str], names:
     return Section(title, intro + f"<p>{_legend(names)}</p>" + "".join(rows), anchor=f"side-by-side-{split}")
 
 
+def cocal_section(ex, summary: Mapping[str, Any], gt: Mapping[str, Path] | None = None,
+                  explain_link: str = "") -> Section:
+    """``labelwise demo --with-cocal``: one parsed val image -- photo, ground-truth parts and objects
+    (when ``gt`` names their PNGs), the part and object maps of the best ``part -> object`` paths,
+    the path probability, the pixels the path changed and the legend of the paths present.
+    ``ex``: a :class:`labelwise.report.explain.Explanation`; ``summary``: the demo's ``cocal`` dict
+    (``run_dir``, ``steps``, ``data``)."""
+    from labelwise.report.explain import PANEL_THUMB, parse_section_html
+    from labelwise.report.show import draw_label_map, resize_nearest
+
+    truth = []
+    for level, label in (("parts", "ground truth parts"), ("objects", "ground truth objects")):
+        f = Path((gt or {}).get(level, "")) if (gt or {}).get(level) else None
+        if f is not None and f.is_file():
+            lab = resize_nearest(read_label(f), ex.display.shape[:2])
+            truth.append(img_html(resize_image(draw_label_map(ex.display, lab, alpha=0.55), PANEL_THUMB), label))
+    steps = summary.get("steps")
+    intro = (f"<p>CoCal (<code>cocal</code>, cpu preset, {escape(str(steps))} steps) trained on a small "
+             f"<code>parts</code> testbed (<code>{escape(str(summary.get('data', '')))}</code>): every part and "
+             "object class is one dictionary component, each pixel takes the best logical path "
+             "<i>part &rarr; parent object</i> (part probability times its parent object's probability), so the "
+             f"part and object maps agree by construction. Image <code>{escape(ex.image_name)}</code> of the val "
+             "split.")
+    if explain_link:
+        intro += (f" The components' similarity maps and the part &harr; object component matrix: "
+                  f"<a href=\"{escape(explain_link)}\">{escape(explain_link)}</a> (<code>labelwise explain</code>).")
+    intro += "</p>"
+    if truth:
+        intro += '<div class="row">' + "".join(truth) + "</div>"
+    return Section("CoCal object parsing (val)", intro + parse_section_html(ex), anchor="cocal")
+
+
 def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: Mapping[str, Path],
                       bg_threshold: float, log: Sequence[dict], table: Sequence[dict] | None = None,
                       photos: Sequence = (), photo_note: str = "", n_examples: int = 6,
-                      compare: Sequence[tuple[str, Path, str]] = (), compare_split: str = "val") -> Path:
+                      compare: Sequence[tuple[str, Path, str]] = (), compare_split: str = "val",
+                      extra_sections: Sequence[Section] = ()) -> Path:
     """Write the demo's self-contained ``report.html`` and return its path.
 
     ``summary``: the demo's ``metrics.json`` dict (``headline_split``, ``metrics[split]["seeds"|"masks"]``,
@@ -341,7 +374,8 @@ def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: 
     ``table.json`` next to ``path``); ``photos``: ``[(name, image, [ClassCAM])]`` of the real-photo
     section, ``photo_note`` a line shown there (e.g. why it was skipped); ``compare``: columns
     ``(caption, folder, "label" | "seeds")`` of a side-by-side section on ``compare_split`` (the
-    CAM baseline beside another method, e.g. ``labelwise demo --with-seco``).
+    CAM baseline beside another method, e.g. ``labelwise demo --with-seco``); ``extra_sections``:
+    further sections after those (e.g. :func:`cocal_section`).
     """
     names = class_names_of(data_root)
     metrics: dict[str, Any] = summary.get("metrics", {})
@@ -359,6 +393,7 @@ def build_demo_report(path: Path, *, summary: dict, data_root: Path, pred_dirs: 
         sections.append(side_by_side_section(data_root, compare_split,
                                              pick_examples(split_ids(data_root, compare_split), n_examples), names,
                                              compare, bg_threshold, f"Side by side ({compare_split})", intro))
+    sections.extend(extra_sections)
     sweeps = summary.get("threshold_sweep")
     if sweeps is None and names and split in pred_dirs and Path(pred_dirs[split]).is_dir():
         sweeps = {split: threshold_sweep(pred_dirs[split], Path(data_root) / "SegmentationClass", len(names))}

@@ -1,0 +1,37 @@
+"""CoCal: "Interpretable and Consistent Object Parsing via Dictionary Components, Contrastive
+Calibration and Logical Constraints" -- ``labelwise train cocal``. Paper:
+``../shared/papers/cocal-dictionary-part-parsing.txt`` (Sec. 2, Eqs. 1-7, supplement Sec. 6).
+
+=========================================  ====================================================
+paper                                      code
+=========================================  ====================================================
+Eq. 4 k-means cross-attention               ``modeling.decoders.kmax.kmeans_cross_attention``
+                                           (within each level: ``query_groups=[P, P~]``)
+Sec. 2.1 dictionary C / Sec. 2.2.1 C~      ``methods.kmax.model.KMaXParser(dictionary=True)``:
+                                           P part + P~ object components (incl. background),
+                                           component i = class i, no class head, no void;
+                                           ``fixed_match`` instead of Hungarian matching
+C(y), C~(y): components of present classes ``method.present_components`` (final centres)
+memory banks B, B~ (P x S x D)              ``method.CoCalState`` (``blocks.class_bank``)
+Eq. 5 L_p_con, Eq. 6 L_o_con (hard neg. k)  ``blocks.dictionary_contrastive.dictionary_contrastive_loss``
+Eq. 7 L_logic (cross-level)                 ``blocks.dictionary_contrastive.logic_loss``
+total loss (supp. Sec. 6.1)                 ``method.CoCalMethod.training_step``
+nearest-component inference                 ``methods.kmax.model.level_probabilities``
+path-probability inference (Fig. 3)         ``logic.path_inference`` via ``CoCalMethod.parse``
+=========================================  ====================================================
+
+Switches (Table 2 rows): ``cocal.dictionary``, ``cocal.p_con``, ``cocal.o_con``, ``cocal.logic``
+(all false = kMaX-DeepLab, the ``kmax`` method's code path); Tables 3-4: ``cocal.bank_size`` (S),
+``cocal.hard_negatives`` (k, 0 = all). Readings where the paper is silent: tau (``cocal.tau``,
+default 0.1); the banks store the per-image final dictionary components of the classes present,
+enqueued after each optimiser step; Eq. 5's denominator is the positives plus the k hardest
+negatives; ``cocal.logic`` switches both the loss and the inference.
+"""
+
+from labelwise.engine.registry import register_method
+from labelwise.methods.cocal.config import CoCalConfig
+from labelwise.methods.cocal.method import CoCalMethod, CoCalState
+
+register_method(CoCalMethod)
+
+__all__ = ["CoCalConfig", "CoCalMethod", "CoCalState"]

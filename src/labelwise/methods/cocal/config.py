@@ -1,0 +1,45 @@
+"""Config of ``cocal``: kMaX-DeepLab's (``methods.kmax.config``) + the ``cocal`` section.
+
+The switches are the rows of CoCal's Table 2 (all false = kMaX-DeepLab); ``bank_size`` (S) and
+``hard_negatives`` (k) are Tables 3 and 4. Weights: lambda_p_con = 2, lambda_o_con = 2,
+lambda_logic = 1, lambda_kMaX = 1 (the official kMaX weights inside L_kMaX); supplement Sec. 6.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from labelwise.config import param
+from labelwise.errors import LabelwiseError
+from labelwise.methods.kmax.config import KMaXConfig
+
+
+@dataclass
+class CoCalSection:
+    dictionary: bool = param(True, help="dictionary components (Sec. 2.1): one cluster centre per part class and "
+                                        "per object class, fixed component <-> class map, nearest-component "
+                                        "inference (false = kMaX-DeepLab's free queries + Hungarian matching)")
+    p_con: bool = param(True, help="part-level contrastive loss L_p_con (Eq. 5)")
+    o_con: bool = param(True, help="object-level contrastive loss L_o_con (Eq. 6)")
+    logic: bool = param(True, help="logical constraints (Sec. 2.2.3): the cross-level loss L_logic (Eq. 7) in "
+                                   "training and the part x object path probability at inference")
+    bank_size: int = param(100, range=(1, None), help="S: stored samples per class in each memory bank (Table 3: 100)")
+    hard_negatives: int = param(100, range=(0, None),
+                                help="k: hard negatives per anchor, the most similar entries of other classes "
+                                     "(Table 4: 100; 0 = all negatives)")
+    tau: float = param(0.1, range=(1e-4, None), help="temperature of Eqs. 5-7 (not given in the paper)")
+    w_kmax: float = param(1.0, range=(0.0, None), help="lambda_kMaX (the official setting: 1)")
+    w_p_con: float = param(2.0, range=(0.0, None), help="lambda_p_con (2)")
+    w_o_con: float = param(2.0, range=(0.0, None), help="lambda_o_con (2)")
+    w_logic: float = param(1.0, range=(0.0, None), help="lambda_logic (1)")
+
+    def validate(self) -> None:
+        if not self.dictionary and (self.p_con or self.o_con or self.logic):
+            on = [k for k in ("p_con", "o_con", "logic") if getattr(self, k)]
+            raise LabelwiseError(f"config keys cocal.{', cocal.'.join(on)} need cocal.dictionary=true: the contrastive "
+                                 "terms and the logic act on class-aligned dictionary components")
+
+
+@dataclass
+class CoCalConfig(KMaXConfig):
+    cocal: CoCalSection = field(default_factory=CoCalSection)

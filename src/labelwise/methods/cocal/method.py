@@ -1,0 +1,116 @@
+"""``cocal``: the training step (L = lambda_kMaX L_kMaX + lambda_p_con L_p_con + lambda_o_con L_o_con +
+lambda_logic L_logic, supplement Sec. 6.1), the memory banks and path-probability inference.
+See the package docstring."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from labelwise.engine.method import StepContext
+from labelwise.methods.cocal.config import CoCalConfig
+from labelwise.methods.kmax.method import KMaXMethod
+
+
+class CoCalState(nn.Module):
+    """The part memory bank B (P x S x D) and the object memory bank B~ (P~ x S x D) of historical
+    dictionary components (Sec. 2.2.2), each class its own ring of S samples; checkpointed with
+    the run and filled identically on every rank (``enqueue`` all-gathers)."""
+
+    def __init__(self, num_parts: int, num_objects: int, size: int, dim: int):
+        super().__init__()
+        from labelwise.blocks.class_bank import ClassMemoryBank
+
+        self.part_bank = ClassMemoryBank(num_parts, size, dim)
+        self.object_bank = ClassMemoryBank(num_objects, size, dim)
+
+
+def present_components(out: dict, batch, num_parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """C(y) and C~(y): the dictionary components (final per-image cluster centres) of the part and
+    object classes present in each training sample -> ``(part anchors (Mp, D), part classes,
+    object anchors (Mo, D), object classes)``."""
+    centres = out["cluster_centres"]                      # (B, P + P~, D)
+    B = centres.shape[0]
+    P = num_parts
+    present = {}
+    for level, n in (("parts", P), ("objects", centres.shape[1] - P)):
+        lab = batch[level].long().flatten(1)               # (B, HW), 255 = ignore
+        valid = lab < n
+        counts = torch.zeros(B, n, dtype=torch.long, device=centres.device)
+        present[level] = counts.scatter_add_(1, torch.where(valid, lab, 0), valid.long()) > 0
+    bp, cp = present["parts"].nonzero(as_tuple=True)
+    bo, co = present["objects"].nonzero(as_tuple=True)
+    return centres[bp, cp], cp, centres[bo, P + co], co
+
+
+class CoCalMethod(KMaXMethod):
+    name = "cocal"
+    config_cls = CoCalConfig
+    description = "CoCal: dictionary-based object parsing with contrastive components and logical constraints"
+
+    def __init__(self):
+        self._enqueue = None
+
+    def uses_dictionary(self, cfg) -> bool:
+        cfg.cocal.validate()
+        return bool(cfg.cocal.dictionary)
+
+    def build_state(self, cfg, info):
+        if not cfg.cocal.dictionary:
+            return None
+        return CoCalState(len(info.part_names), len(info.class_names), cfg.cocal.bank_size, cfg.model.mask_dim)
+
+    def training_step(self, model, batch, ctx: StepContext):
+        from labelwise.blocks.dictionary_contrastive import dictionary_contrastive_loss, logic_loss
+
+        cc = ctx.cfg.cocal
+        net = ctx.module
+        out = model(batch["image"])
+        kmax, logs = self.kmax_loss(net, out, batch, ctx)
+        total = cc.w_kmax * kmax
+        self._enqueue = None
+        if cc.dictionary:
+            pa, pc, oa, oc = present_components(out, batch, net.num_parts)
+            k = cc.hard_negatives or None
+            state = ctx.state
+            if cc.p_con:    # Eq. 5
+                lp = dictionary_contrastive_loss(pa, pc, *state.part_bank.get(), cc.tau, k)
+                total = total + cc.w_p_con * lp
+                logs["p_con"] = lp.detach()
+            if cc.o_con:    # Eq. 6
+                lo = dictionary_contrastive_loss(oa, oc, *state.object_bank.get(), cc.tau, k)
+                total = total + cc.w_o_con * lo
+                logs["o_con"] = lo.detach()
+            if cc.logic:    # Eq. 7
+                p2o = torch.as_tensor(ctx.info.part_to_object, device=pa.device)
+                ll = logic_loss(pa, pc, p2o, *state.object_bank.get(), cc.tau, k)
+                total = total + cc.w_logic * ll
+                logs["logic"] = ll.detach()
+            # the banks store this step's components after the step (historical samples only)
+            self._enqueue = (pa.detach(), pc, oa.detach(), oc)
+        return {"loss": total, **logs}
+
+    def after_optimizer_step(self, model, ctx: StepContext):
+        if self._enqueue is not None and ctx.state is not None:
+            pa, pc, oa, oc = self._enqueue
+            ctx.state.part_bank.enqueue(pa, pc)
+            ctx.state.object_bank.enqueue(oa, oc)
+        self._enqueue = None
+
+    def parse(self, model, out: dict, size, cfg):
+        """Dictionary: the nearest part / object component of every pixel; with ``cocal.logic`` the best
+        part -> object path (part probability x parent-object probability), so the two maps agree by
+        construction (Sec. 2.2.3, Fig. 3)."""
+        if not (model.dictionary and cfg.cocal.logic):
+            return super().parse(model, out, size, cfg)
+        from labelwise.methods.cocal.logic import path_inference
+        from labelwise.methods.kmax.model import level_probabilities, upsample
+
+        pp, po = level_probabilities(out, model.num_parts, model.num_objects, True)
+        p2o = torch.as_tensor(self._part_to_object, device=pp.device)
+        parts, objects, _ = path_inference(upsample(pp, size), upsample(po, size), p2o)
+        return parts[0], objects[0]
+
+    def predict(self, model, batch, ctx):
+        self._part_to_object = list(ctx.info.part_to_object)
+        return super().predict(model, batch, ctx)

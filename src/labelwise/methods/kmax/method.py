@@ -1,0 +1,189 @@
+"""``kmax``: kMaX-DeepLab trained for object parsing (part and object levels); the base of ``cocal``.
+
+Training: random rescale / crop / flip / colour jitter of image + part + object labels
+(``data.*``); per image, the semantic segments of each level (one mask per class present, 255
+ignored) are the targets of that level's query group. kMaX-DeepLab matches them with the
+Hungarian algorithm on ``-(dice x p(class))`` (``blocks.kmax_losses.kmax_match``); CoCal's
+dictionary maps each segment to its class's component instead (``fixed_match``). The losses are
+kMaX-DeepLab's (``blocks.kmax_losses``): PQ-style class + dice, mask-ID cross-entropy, pixel-wise
+instance discrimination (every decoder prediction with ``loss.deep_supervision``) and the
+auxiliary semantic cross-entropy of each level.
+
+Inference (``labelwise infer RUN --what parts``): per-level class probabilities
+(``model.level_probabilities``) at image size, arg-maxed per level (kMaX-DeepLab: the two levels
+are independent, so their consistency is measured, not assumed), written as part and object
+PNGs through the inference engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from labelwise.engine.data import SeededDataset
+from labelwise.engine.method import Method, PredictContext, StepContext
+from labelwise.errors import LabelwiseError
+from labelwise.io import IGNORE_INDEX
+from labelwise.methods.kmax.config import KMaXConfig
+from labelwise.methods.kmax.model import KMaXParser, level_probabilities, upsample
+
+
+class _ParsingTrainTransform:
+    """Image + part + object labels through the usual seeded augmentation (``data.*``)."""
+
+    def __init__(self, cfg):
+        from labelwise.modeling.backbones import pixel_stats
+
+        self.cfg = cfg
+        self.fill = pixel_stats(cfg.model.backbone)[0]
+
+    def __call__(self, item: dict, rng: np.random.Generator) -> dict:
+        from labelwise.data.transforms import seeded_train_transform
+
+        if item.get("parts") is None:
+            raise LabelwiseError(f"image {item.get('file_name', item.get('image_id'))} has no part labels; train on a "
+                                 "parts:ROOT dataset (or a release adapter such as partimagenet:)")
+        out = seeded_train_transform(self.cfg.data, self.fill, rng)(
+            {"image": item["image"], "parts": item["parts"], "objects": item["objects"]})
+        return {k: out[k].as_subclass(torch.Tensor) for k in ("image", "parts", "objects")}
+
+
+class _ParsingInput:
+    """Inference input: the image as [0, 1] floats, shrunk to ``max_size`` (0 = keep), both sides
+    rounded to multiples of 32 (the coarsest stride; outputs are resized back to the image)."""
+
+    def __init__(self, max_size: int = 0):
+        self.max_size = int(max_size)
+
+    def __call__(self, item: dict) -> dict:
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float().div_(255.0)
+        H, W = x.shape[-2:]
+        s = self.max_size / max(H, W) if self.max_size and max(H, W) > self.max_size else 1.0
+        h, w = max(32, round(H * s / 32) * 32), max(32, round(W * s / 32) * 32)
+        if (h, w) != (H, W):
+            x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        return {**item, "input": x}
+
+
+def level_targets(label: torch.Tensor, group: int, offset: int = 0):
+    """One image's semantic segments of one level: ``(masks (M, H, W) bool, classes (M,) + offset,
+    group (M,))``, one per class present in ``label`` (255 ignored)."""
+    classes = torch.unique(label)
+    classes = classes[classes != IGNORE_INDEX]
+    masks = label[None] == classes[:, None, None]
+    return masks, classes.long() + offset, torch.full_like(classes, group, dtype=torch.long)
+
+
+class KMaXMethod(Method):
+    name = "kmax"
+    config_cls = KMaXConfig
+    description = "kMaX-DeepLab object parsing (part + object levels; the baseline of CoCal)"
+    outputs = {"parts": "parts_png"}
+    testbed = "parts"
+
+    dictionary = False  # CoCal's subclass turns it on with cocal.dictionary
+
+    def uses_dictionary(self, cfg) -> bool:
+        return self.dictionary
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, cfg, info, *, pretrained=True):
+        cfg.validate_levels()
+        if getattr(info, "part_names", None) is None:
+            raise LabelwiseError(f"method '{self.name}' parses parts: train on a parts:ROOT dataset (or a release "
+                                 "adapter: partimagenet:, pascalpart:) that lists part and object classes")
+        return KMaXParser(cfg, len(info.part_names), len(info.class_names), dictionary=self.uses_dictionary(cfg),
+                          pretrained=pretrained)
+
+    def build_train_dataset(self, cfg, spec, info=None, *, labels_dir=None, seeds_dir=None):
+        if labels_dir is not None or seeds_dir is not None:
+            raise LabelwiseError(f"{self.name} trains on the dataset's part and object labels; --labels / --seeds do "
+                                 "not apply")
+        if cfg.data.crop_size % 32:
+            raise LabelwiseError(f"config key 'data.crop_size' = {cfg.data.crop_size}: kMaX-DeepLab needs a multiple "
+                                 "of 32 (its coarsest stride)")
+        return SeededDataset(self.load_split(cfg, spec, cfg.data.train_split), _ParsingTrainTransform(cfg))
+
+    # ------------------------------------------------------------------ training
+    def targets(self, model, batch) -> list[tuple]:
+        """Per image: the part-level and object-level segments with their group (0 parts, 1 objects);
+        kMaX's joint class space puts object classes after the parts."""
+        P = model.num_parts
+        off = 0 if model.dictionary else P
+        out = []
+        for parts, objects in zip(batch["parts"], batch["objects"]):
+            mp, cp, gp = level_targets(parts.long(), 0)
+            mo, co, go = level_targets(objects.long(), 1, off)
+            out.append((torch.cat([mp, mo]), torch.cat([cp, co]), torch.cat([gp, go])))
+        return out
+
+    def match(self, model, out: dict, targets) -> list:
+        from labelwise.blocks.kmax_losses import fixed_match, kmax_match
+        from labelwise.modeling.decoders import group_softmax
+
+        if model.dictionary:  # CoCal: component i of a level is class i (no Hungarian matching)
+            P, O = model.num_parts, model.num_objects
+            dev = out["pred_masks"].device
+            return fixed_match(targets, [torch.arange(P, device=dev), P + torch.arange(O, device=dev)])
+        probs = group_softmax(out["pred_masks"].detach().float(), model.query_groups)
+        return kmax_match(out.get("pred_logits"), probs, targets, groups=model.query_groups)
+
+    def kmax_loss(self, model, out: dict, batch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """L_kMaX: the losses of every decoder prediction + the auxiliary semantic losses."""
+        from labelwise.blocks.kmax_losses import kmax_losses, loss_aux_semantic
+
+        lc = ctx.cfg.loss
+        weights = {"loss_pq_class": lc.pq_class, "loss_pq_dice": lc.pq_dice, "loss_mask": lc.mask,
+                   "loss_instdisc": lc.instdisc}
+        targets = self.targets(model, batch)
+        gen = torch.Generator(device=out["pred_masks"].device)
+        gen.manual_seed(int(ctx.cfg.train.seed) * 1_000_003 + ctx.step * 131 + ctx.rank)
+        preds = [out] + (list(out["aux_outputs"]) if lc.deep_supervision else [])
+        C = model.num_parts + model.num_objects  # the joint class space (only the class head reads it)
+        total = out["pred_masks"].new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        for k, p in enumerate(preds):
+            terms = kmax_losses(p, targets, self.match(model, p, targets), num_classes=C, weights=weights,
+                                focal_alpha=lc.focal_alpha, focal_gamma=lc.focal_gamma,
+                                groups=model.query_groups, generator=gen, insdis_sample_k=lc.instdisc_samples,
+                                insdis_temperature=lc.instdisc_temperature)
+            for name, v in terms.items():
+                total = total + v
+                if k == 0:
+                    logs[name[5:]] = v.detach()
+        for level in ("parts", "objects"):
+            aux = loss_aux_semantic(out["aux_semantic"][level], batch[level].long(), IGNORE_INDEX,
+                                    weight=lc.aux_semantic)
+            total = total + aux
+            logs[f"aux_{level}"] = aux.detach()
+        return total, logs
+
+    def training_step(self, model, batch, ctx: StepContext):
+        out = model(batch["image"])
+        total, logs = self.kmax_loss(ctx.module, out, batch, ctx)
+        return {"loss": total, **logs}
+
+    # ------------------------------------------------------------------ inference
+    def inference_transform(self, cfg, info):
+        return _ParsingInput(cfg.infer.max_size)
+
+    def parse(self, model, out: dict, size, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(parts (H, W), objects (H, W))`` labels of one image's output (batch of 1 inside ``out``).
+        kMaX-DeepLab: each level's argmax on its own."""
+        pp, po = level_probabilities(out, model.num_parts, model.num_objects, model.dictionary)
+        pp, po = upsample(pp, size)[0], upsample(po, size)[0]
+        return pp.argmax(0), po.argmax(0)
+
+    def predict(self, model, batch, ctx: PredictContext):
+        out = model(batch["inputs"])
+        res = []
+        for b, item in enumerate(batch["items"]):
+            one = {"pred_masks": out["pred_masks"][b:b + 1], "query_groups": out["query_groups"]}
+            if "pred_logits" in out:
+                one["pred_logits"] = out["pred_logits"][b:b + 1]
+            parts, objects = self.parse(model, one, item["image"].shape[:2], ctx.cfg)
+            res.append({"parts": {"parts": parts.to(torch.uint8).cpu().numpy(),
+                                  "objects": objects.to(torch.uint8).cpu().numpy()}})
+        return res
