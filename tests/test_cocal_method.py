@@ -116,3 +116,32 @@ def test_ablation_recipe_runs_every_table2_row(tmp_path, monkeypatch):
     assert set(rows) == {"t2_kmax", "t2_dict", "t2_pcon", "t2_ocon", "t2_cocal"}
     assert all(0.0 <= r["part_miou"] <= 1.0 for r in rows.values())
     assert rows["t2_cocal"]["consistency"] == 1.0
+
+
+def test_cocal_trains_and_parses_on_the_partimagenet_release_layout(tmp_path, monkeypatch):
+    """The release adapter (41 parts / 12 objects incl. background) feeds cocal like parts: data."""
+    from labelwise.data.adapters.partimagenet import PARTIMAGENET_PARTS
+    from labelwise.engine import api
+    from labelwise.evaluation import evaluate
+    from labelwise.io import write_image, write_label
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    root = tmp_path / "PartImageNet_Seg" / "PartImageNet"
+    cats = [{"id": k, "name": n, "supercategory": s} for k, (n, s) in enumerate(PARTIMAGENET_PARTS)]
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("val", 2)):
+        (root / "annotations" / split).mkdir(parents=True)
+        (root / "annotations" / split / f"{split}.json").write_text(
+            json.dumps({"images": [], "annotations": [], "categories": cats}))
+        for i in range(n):
+            raw = torch.full((64, 64), 40, dtype=torch.uint8)
+            k = int(torch.randint(0, 40, (), generator=rng))
+            raw[8:40, 8:40] = k
+            write_image(root / "images" / split / f"n0000000{i}_{split}.JPEG",
+                        (torch.rand(64, 64, 3, generator=rng) * 255).to(torch.uint8).numpy())
+            write_label(root / "annotations" / split / f"n0000000{i}_{split}.png", raw.numpy())
+    spec = f"partimagenet:{tmp_path / 'PartImageNet_Seg'}"
+    run = api.train("cocal", spec, tmp_path / "run", preset="cpu", overrides=TINY, steps=2, show_progress=False)
+    out = api.infer(run, spec, "val", tmp_path / "pred", what="parts", show_progress=False)
+    r = evaluate("parts", out, spec, "val", progress=False)
+    assert r["consistency"] == 1.0 and 0.0 <= r["part_miou"] <= 1.0

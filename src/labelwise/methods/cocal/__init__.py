@@ -26,6 +26,10 @@ Switches (Table 2 rows): ``cocal.dictionary``, ``cocal.p_con``, ``cocal.o_con``,
 default 0.1); the banks store the per-image final dictionary components of the classes present,
 enqueued after each optimiser step; Eq. 5's denominator is the positives plus the k hardest
 negatives; ``cocal.logic`` switches both the loss and the inference.
+
+Not yet: Table 5 (CoCal on the Mask2Former decoder of ``modeling/decoders/mask2former.py``); the
+dictionary, bank, contrastive and logic pieces are decoder-agnostic (``blocks/``,
+``logic.py``), the kMaX network is the only one wired so far.
 """
 
 from labelwise.engine.registry import register_method
