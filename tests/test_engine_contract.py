@@ -165,14 +165,17 @@ def test_param_groups_match_module_path_components():
     assert built["backbone"]["lr"] == pytest.approx(0.1) and built["head"]["lr"] == pytest.approx(1.0)
 
 
-def test_get_method_returns_a_fresh_instance_and_names_unshipped_methods():
+def test_get_method_returns_a_fresh_instance_and_names_unshipped_methods(monkeypatch):
+    from labelwise.engine import registry
     from labelwise.engine.registry import get_method, list_methods
 
     a, b = get_method("cam"), get_method("cam")
     assert type(a) is type(b) and a is not b
     assert "cam" in list_methods() and "_toy_staged" in list_methods()
+    # a built-in name whose module is not in this build (every listed method ships today)
+    monkeypatch.setitem(registry.BUILTIN_METHODS, "unshipped", "labelwise.methods._not_in_this_build")
     with pytest.raises(LabelwiseError) as e:
-        get_method("cocal")
+        get_method("unshipped")
     assert "not part of this version" in str(e.value) and "did you mean" not in str(e.value)
     with pytest.raises(LabelwiseError, match="did you mean 'cam'"):
         get_method("camm")

@@ -51,3 +51,36 @@ class StepClock:
         return {"ms_per_step": 1000 * med, "ms_per_step_min": 1000 * min(self.times),
                 "ms_per_step_max": 1000 * max(self.times), "images_per_s": batch / med, "batch_size": batch,
                 "steps": len(self.times)}
+
+
+def check_least(bench: str, checks) -> None:
+    """One-line error for the first ``(flag, value, least)`` with ``value < least``."""
+    from labelwise.errors import LabelwiseError
+
+    for flag, value, least in checks:
+        if value < least:
+            raise LabelwiseError(f"bench {bench} {flag} {value}: needs at least {least}")
+
+
+def run_variant_processes(bench: str, runs, threads: int) -> dict[str, dict]:
+    """Run ``labelwise bench BENCH --variant NAME ...`` once per ``(name, argv)`` in ``runs``, each in
+    its own process (so peak memory is its own) with torch and BLAS pinned to ``threads``; returns
+    ``{name: the child's JSON}``. A failing child is a one-line error naming the variant."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from labelwise.errors import LabelwiseError
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OPENBLAS_NUM_THREADS": str(threads), "LABELWISE_NO_PROGRESS": "1"}
+    results: dict[str, dict] = {}
+    for name, argv in runs:
+        cmd = [sys.executable, "-m", "labelwise", "bench", bench, "--variant", name, *argv]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise LabelwiseError(f"bench {bench} variant {name} failed: {last}")
+        results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    return results

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -74,16 +72,14 @@ def run(args: argparse.Namespace) -> dict:
         sys.exit(0)
     import torch
 
+    from labelwise.benchmarks import check_least, run_variant_processes
     from labelwise.data.synth import generate
+    from labelwise.engine.registry import get_method
     from labelwise.errors import LabelwiseError
 
-    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                               ("--images", args.images, 4), ("--size", args.size, 64),
-                               ("--threads", args.threads, 1), ("--paper-batch", args.paper_batch, 1)):
-        if value < least:
-            raise LabelwiseError(f"bench cocal {flag} {value}: needs at least {least}")
-    from labelwise.engine.registry import get_method
-
+    check_least("cocal", (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--images", args.images, 4),
+                          ("--size", args.size, 64), ("--threads", args.threads, 1),
+                          ("--paper-batch", args.paper_batch, 1)))
     batch = get_method("cocal").load_preset(args.preset)["train"]["batch_size"]
     if args.images < batch:
         raise LabelwiseError(f"bench cocal --images {args.images}: needs at least one batch of the '{args.preset}' "
@@ -91,24 +87,16 @@ def run(args: argparse.Namespace) -> dict:
     variants = ["cocal", "kmax", "cam"]
     if torch.cuda.is_available() and args.device in ("auto", "cuda") or args.paper:
         variants.append("cocal_partimagenet")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "OPENBLAS_NUM_THREADS": str(args.threads), "LABELWISE_NO_PROGRESS": "1"}
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         roots = {"small": generate("parts", Path(tmp) / "parts", n_train=args.images, n_val=0, size=args.size, seed=0)}
         if "cocal_partimagenet" in variants:  # 512 px crops: a testbed of that size
             roots["large"] = generate("parts", Path(tmp) / "parts512", n_train=max(args.images, args.paper_batch),
                                       n_val=0, size=512, seed=0)
-        for name in variants:
-            root = roots["large" if name == "cocal_partimagenet" else "small"]
-            cmd = [sys.executable, "-m", "labelwise", "bench", "cocal", "--variant", name, "--root", str(root),
-                   "--preset", args.preset, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--threads", str(args.threads), "--device", args.device, "--paper-batch", str(args.paper_batch)]
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                raise LabelwiseError(f"bench cocal variant {name} failed: {last}")
-            results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+        common = ["--preset", args.preset, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                  "--threads", str(args.threads), "--device", args.device, "--paper-batch", str(args.paper_batch)]
+        results = run_variant_processes("cocal", [
+            (name, ["--root", str(roots["large" if name == "cocal_partimagenet" else "small"]), *common])
+            for name in variants], args.threads)
     for other in ("kmax", "cam"):
         results["cocal"][f"ratio_vs_{other}"] = results["cocal"]["ms_per_step"] / results[other]["ms_per_step"]
     return results

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -133,20 +131,15 @@ def run(args: argparse.Namespace) -> dict:
         sys.exit(0)
     import torch
 
+    from labelwise.benchmarks import check_least, run_variant_processes
     from labelwise.data.synth import generate
-    from labelwise.errors import LabelwiseError
 
-    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                               ("--images", args.images, 4), ("--size", args.size, 64),
-                               ("--threads", args.threads, 1), ("--coco-batch", args.coco_batch, 1)):
-        if value < least:
-            raise LabelwiseError(f"bench oap-train {flag} {value}: needs at least {least}")
+    check_least("oap-train", (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--images", args.images, 4),
+                              ("--size", args.size, 64), ("--threads", args.threads, 1),
+                              ("--coco-batch", args.coco_batch, 1)))
     variants = ["oap", "cam"]
     if torch.cuda.is_available() and args.device in ("auto", "cuda") or args.paper:
         variants.append("oap_coco_amp")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "OPENBLAS_NUM_THREADS": str(args.threads), "LABELWISE_NO_PROGRESS": "1"}
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         size = max(args.size, 448) if "oap_coco_amp" in variants else args.size
         roots = {"small": generate("objects", Path(tmp) / "objects", n_train=args.images, n_val=0, size=args.size,
@@ -154,15 +147,10 @@ def run(args: argparse.Namespace) -> dict:
         if size != args.size:  # the coco preset crops 448 px views: a testbed of that size
             roots["large"] = generate("objects", Path(tmp) / "objects448", n_train=max(args.images, args.coco_batch),
                                       n_val=0, size=size, seed=0)
-        for name in variants:
-            root = roots["large" if name == "oap_coco_amp" else "small"]
-            cmd = [sys.executable, "-m", "labelwise", "bench", "oap-train", "--variant", name, "--root", str(root),
-                   "--preset", args.preset, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--threads", str(args.threads), "--device", args.device, "--coco-batch", str(args.coco_batch)]
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                raise LabelwiseError(f"bench oap-train variant {name} failed: {last}")
-            results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+        common = ["--preset", args.preset, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                  "--threads", str(args.threads), "--device", args.device, "--coco-batch", str(args.coco_batch)]
+        results = run_variant_processes("oap-train", [
+            (name, ["--root", str(roots["large" if name == "oap_coco_amp" else "small"]), *common])
+            for name in variants], args.threads)
     results["oap"]["ratio_vs_cam"] = results["oap"]["ms_per_step"] / results["cam"]["ms_per_step"]
     return results

@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from labelwise.errors import LabelwiseError
 from labelwise.io import VOC_PALETTE, atomic_write_json, read_image, write_image, write_label
 from labelwise.report.html import Section, headline, html_table, img_html, swatch, write_report
 from labelwise.report.images import heatmap, jet, overlay, resize_image
 from labelwise.report.show import Panel, compose_row, draw_label_map, resize_nearest
+from labelwise.report.images import ui_font as _font
 
 __all__ = ["Explanation", "check_cocal_run", "compute_explanation", "explain_image", "path_legend_html",
            "paths_figures", "similarity_matrix_image", "write_explanation"]
@@ -49,16 +50,6 @@ THUMB = 128         # components in the HTML page
 PANEL_THUMB = 256   # path panels in the HTML page
 CHANGED_COLOR = (255, 0, 255)
 
-_FONTS: dict[int, Any] = {}
-
-
-def _font(size: int = 11):
-    if size not in _FONTS:
-        try:
-            _FONTS[size] = ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1: the fixed bitmap font
-            _FONTS[size] = ImageFont.load_default()
-    return _FONTS[size]
 
 
 # --------------------------------------------------------------------------- the numbers

@@ -130,3 +130,18 @@ def png_bytes(image: np.ndarray) -> bytes:
 def png_data_uri(image: np.ndarray) -> str:
     """``data:image/png;base64,...`` URI of an image (for self-contained HTML)."""
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+_FONTS: dict = {}
+
+
+def ui_font(size: int = 11):
+    """Pillow's default font at ``size`` (cached); the fixed bitmap font on Pillow < 10.1."""
+    from PIL import ImageFont
+
+    if size not in _FONTS:
+        try:
+            _FONTS[size] = ImageFont.load_default(size=size)
+        except TypeError:
+            _FONTS[size] = ImageFont.load_default()
+    return _FONTS[size]

@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from labelwise.errors import LabelwiseError
 from labelwise.io import IGNORE_INDEX, list_images, read_cluster_map, read_image, write_image
 from labelwise.masks import decode_mask
 from labelwise.report.html import Section, headline, html_table, img_html, swatch, write_report
 from labelwise.report.images import colorize_label, overlay, resize_image
+from labelwise.report.images import ui_font as _font
 
 __all__ = ["ACCEPTED", "PRED_KINDS", "Panel", "compose_row", "detect_pred_kind", "distinct_colors",
            "draw_label_map", "draw_masks", "label_edges", "label_positions", "load_results", "mask_outline",
@@ -134,16 +135,6 @@ def label_positions(masks: np.ndarray) -> list[tuple[float, float] | None]:
     return out
 
 
-_FONTS: dict[int, Any] = {}
-
-
-def _font(size: int = 11):
-    if size not in _FONTS:
-        try:
-            _FONTS[size] = ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1: the fixed bitmap font
-            _FONTS[size] = ImageFont.load_default()
-    return _FONTS[size]
 
 
 def _draw_tags(image: np.ndarray, tags: Sequence[tuple[float, float, str, Sequence[int]]]) -> np.ndarray:
