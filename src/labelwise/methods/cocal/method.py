@@ -97,20 +97,15 @@ class CoCalMethod(KMaXMethod):
             ctx.state.object_bank.enqueue(oa, oc)
         self._enqueue = None
 
-    def parse(self, model, out: dict, size, cfg):
+    def parse(self, part_prob, object_prob, ctx):
         """Dictionary: the nearest part / object component of every pixel; with ``cocal.logic`` the best
         part -> object path (part probability x parent-object probability), so the two maps agree by
         construction (Sec. 2.2.3, Fig. 3)."""
-        if not (model.dictionary and cfg.cocal.logic):
-            return super().parse(model, out, size, cfg)
+        cc = ctx.cfg.cocal
+        if not (cc.dictionary and cc.logic):
+            return super().parse(part_prob, object_prob, ctx)
         from labelwise.methods.cocal.logic import path_inference
-        from labelwise.methods.kmax.model import level_probabilities, upsample
 
-        pp, po = level_probabilities(out, model.num_parts, model.num_objects, True)
-        p2o = torch.as_tensor(self._part_to_object, device=pp.device)
-        parts, objects, _ = path_inference(upsample(pp, size), upsample(po, size), p2o)
-        return parts[0], objects[0]
-
-    def predict(self, model, batch, ctx):
-        self._part_to_object = list(ctx.info.part_to_object)
-        return super().predict(model, batch, ctx)
+        p2o = torch.as_tensor(ctx.info.part_to_object, device=part_prob.device)
+        parts, objects, _ = path_inference(part_prob, object_prob, p2o)
+        return parts, objects

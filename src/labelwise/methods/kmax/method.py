@@ -169,21 +169,19 @@ class KMaXMethod(Method):
     def inference_transform(self, cfg, info):
         return _ParsingInput(cfg.infer.max_size)
 
-    def parse(self, model, out: dict, size, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(parts (H, W), objects (H, W))`` labels of one image's output (batch of 1 inside ``out``).
-        kMaX-DeepLab: each level's argmax on its own."""
-        pp, po = level_probabilities(out, model.num_parts, model.num_objects, model.dictionary)
-        pp, po = upsample(pp, size)[0], upsample(po, size)[0]
-        return pp.argmax(0), po.argmax(0)
+    def parse(self, part_prob: torch.Tensor, object_prob: torch.Tensor, ctx: PredictContext
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(parts (B, H, W), objects (B, H, W))`` labels from the two levels' class probabilities
+        at image size. kMaX-DeepLab: each level's argmax on its own."""
+        return part_prob.argmax(1), object_prob.argmax(1)
 
     def predict(self, model, batch, ctx: PredictContext):
         out = model(batch["inputs"])
+        pp, po = level_probabilities(out, model.num_parts, model.num_objects, model.dictionary)
         res = []
-        for b, item in enumerate(batch["items"]):
-            one = {"pred_masks": out["pred_masks"][b:b + 1], "query_groups": out["query_groups"]}
-            if "pred_logits" in out:
-                one["pred_logits"] = out["pred_logits"][b:b + 1]
-            parts, objects = self.parse(model, one, item["image"].shape[:2], ctx.cfg)
-            res.append({"parts": {"parts": parts.to(torch.uint8).cpu().numpy(),
-                                  "objects": objects.to(torch.uint8).cpu().numpy()}})
+        for b, item in enumerate(batch["items"]):  # images of one input size, each back to its own size
+            size = item["image"].shape[:2]
+            parts, objects = self.parse(upsample(pp[b:b + 1], size), upsample(po[b:b + 1], size), ctx)
+            res.append({"parts": {"parts": parts[0].to(torch.uint8).cpu().numpy(),
+                                  "objects": objects[0].to(torch.uint8).cpu().numpy()}})
         return res

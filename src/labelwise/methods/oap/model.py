@@ -129,8 +129,8 @@ def teacher_targets(teacher: OAPNet, x: torch.Tensor, pooling, levels=("semantic
     feats, keys = teacher.encode(x, keys=True)
     mask_features, _ = teacher.pixel_decoder(feats)
     B, h, w, _ = keys.shape
-    results = pooling(keys) if given is None else None
-    _, A = pooling.prepare(keys)                              # (B, N, N) affinity of the keys
+    K, A = pooling.prepare(keys)                              # A: (B, N, N) affinity of the keys, once
+    results = pooling.pool_prepared(K, A, h, w) if given is None else None
     X = F.adaptive_avg_pool2d(mask_features.float(), (h, w)).flatten(2).transpose(1, 2)  # (B, N, C)
     out = []
     for b in range(B):

@@ -503,12 +503,19 @@ class OnlineAgglomerativePooling(nn.Module):
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def forward(self, keys: torch.Tensor) -> list[OAPImageResult]:
-        c = self.cfg
         if keys.dim() != 4:
             raise ValueError(f"OAP expects keys of shape (B, h, w, D), got {tuple(keys.shape)}")
-        B, h, w, D = keys.shape
         K, A = self.prepare(keys)
-        impl = c.impl if c.impl != "auto" else ("static" if keys.device.type == "cuda" else "compact")
+        return self.pool_prepared(K, A, keys.shape[1], keys.shape[2])
+
+    @torch.no_grad()
+    def pool_prepared(self, K: Keys, A: torch.Tensor, h: int, w: int) -> list[OAPImageResult]:
+        """Algorithm 1 on keys already through :meth:`prepare` (``forward`` = prepare + this), for
+        callers that need the affinity ``A`` themselves (OAP training's Eq. 6 teacher embeddings)."""
+        c = self.cfg
+        B, _, D = K.F.shape
+        dev = K.F.device
+        impl = c.impl if c.impl != "auto" else ("static" if dev.type == "cuda" else "compact")
         if impl == "static":
             from labelwise.pseudo.oap.static import pool_static
 
@@ -519,7 +526,7 @@ class OnlineAgglomerativePooling(nn.Module):
         T = len(c.thresholds)
         inst_sets = self.finalise(inst, B, h, w, T)
         sem_sets = self.finalise(sem, B, h, w, T) if c.semantic_pooling else [
-            _empty_set(h, w, D, keys.device) for _ in range(B)]
+            _empty_set(h, w, D, dev) for _ in range(B)]
         return [OAPImageResult(instance=i, semantic=s) for i, s in zip(inst_sets, sem_sets)]
 
     def pool_compact(self, K: Keys, A: torch.Tensor, h: int, w: int
