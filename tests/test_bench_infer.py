@@ -86,3 +86,7 @@ def test_bench_cocal_tiny_run_writes_contract_json(tmp_path, capsys):
     for v in res.values():
         assert v["ms_per_step"] > 0 and v["peak_rss_mb"] > 0 and v["steps"] == 1
     assert res["cocal"]["ratio_vs_kmax"] == res["cocal"]["ms_per_step"] / res["kmax"]["ms_per_step"]
+    for argv, word in ((["--steps", "0"], "--steps"), (["--images", "4"], "--images")):
+        assert main(["bench", "cocal", *argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1, err
