@@ -80,12 +80,14 @@ def test_bench_oap_train_tiny_run_reports_the_share_of_the_step_in_oap(tmp_path,
 
 def test_bench_cocal_tiny_run_writes_contract_json(tmp_path, capsys):
     assert main(["bench", "cocal", "--images", "8", "--size", "64", "--steps", "1", "--warmup", "0", "--threads", "1",
-                 "--device", "cpu", "--json", str(tmp_path / "c.json"), "--no-progress"]) == 0
+                 "--device", "cpu", "--mask2former", "--json", str(tmp_path / "c.json"), "--no-progress"]) == 0
     res = json.loads((tmp_path / "c.json").read_text())
-    assert set(res) == {"cocal", "kmax", "cam"}
+    assert set(res) == {"cocal", "kmax", "cam", "cocal_mask2former", "mask2former"}
     for v in res.values():
         assert v["ms_per_step"] > 0 and v["peak_rss_mb"] > 0 and v["steps"] == 1
     assert res["cocal"]["ratio_vs_kmax"] == res["cocal"]["ms_per_step"] / res["kmax"]["ms_per_step"]
+    assert (res["cocal_mask2former"]["ratio_vs_mask2former"]
+            == res["cocal_mask2former"]["ms_per_step"] / res["mask2former"]["ms_per_step"])
     for argv, word in ((["--steps", "0"], "--steps"), (["--images", "4"], "--images")):
         assert main(["bench", "cocal", *argv, "--no-progress"]) == 2
         err = capsys.readouterr().err

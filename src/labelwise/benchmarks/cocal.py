@@ -7,6 +7,8 @@ Variants (each in its own process, so peak memory is its own; threads pinned for
   L_logic) and the memory banks;
 * ``kmax``: kMaX-DeepLab's ``--preset`` (free queries, Hungarian matching, class head);
 * ``cam``: the cam baseline's ``cpu`` preset at the same batch size (a reference step);
+* with ``--mask2former`` (CoCal Table 5): ``cocal_mask2former`` and ``mask2former``, the same two on
+  Mask2Former's decoders and losses (``model.decoder=mask2former``);
 * ``cocal_partimagenet``: the ``partimagenet`` preset (ResNet-50, 512 px crops, batch ``--paper-batch``,
   bf16, random weights) -- only when CUDA is available (``--paper`` forces it on CPU too, slowly).
 
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-batch", type=int, default=16, help="images per step of cocal_partimagenet")
     parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads (pinned)")
     parser.add_argument("--paper", action="store_true", help="also run cocal_partimagenet without CUDA")
+    parser.add_argument("--mask2former", action="store_true",
+                        help="also time cocal and kmax on the Mask2Former decoder (cocal_mask2former, mask2former)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
@@ -53,7 +57,10 @@ def _measure(args) -> dict:
     batch = get_method("cocal").load_preset(args.preset)["train"]["batch_size"]
     sets = [f"train.batch_size={batch}"]
     method, preset = {"cocal": ("cocal", args.preset), "kmax": ("kmax", args.preset), "cam": ("cam", "cpu"),
+                      "cocal_mask2former": ("cocal", args.preset), "mask2former": ("kmax", args.preset),
                       "cocal_partimagenet": ("cocal", "partimagenet")}[args.variant]
+    if args.variant in ("cocal_mask2former", "mask2former"):
+        sets.append("model.decoder=mask2former")
     if args.variant == "cocal_partimagenet":
         batch = args.paper_batch
         sets = ["model.pretrained=false", f"train.batch_size={batch}",
@@ -84,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.images < batch:
         raise LabelwiseError(f"bench cocal --images {args.images}: needs at least one batch of the '{args.preset}' "
                              f"preset ({batch} images)")
-    variants = ["cocal", "kmax", "cam"]
+    variants = ["cocal", "kmax", "cam"] + (["cocal_mask2former", "mask2former"] if args.mask2former else [])
     if torch.cuda.is_available() and args.device in ("auto", "cuda") or args.paper:
         variants.append("cocal_partimagenet")
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,4 +106,7 @@ def run(args: argparse.Namespace) -> dict:
             for name in variants], args.threads)
     for other in ("kmax", "cam"):
         results["cocal"][f"ratio_vs_{other}"] = results["cocal"]["ms_per_step"] / results[other]["ms_per_step"]
+    if args.mask2former:
+        for name, other in (("cocal_mask2former", "mask2former"), ("cocal_mask2former", "cocal"), ("mask2former", "kmax")):
+            results[name][f"ratio_vs_{other}"] = results[name]["ms_per_step"] / results[other]["ms_per_step"]
     return results

@@ -18,6 +18,10 @@ Eq. 7 L_logic (cross-level)                 ``blocks.dictionary_contrastive.logi
 total loss (supp. Sec. 6.1)                 ``method.CoCalMethod.training_step``
 nearest-component inference                 ``methods.kmax.model.level_probabilities``
 path-probability inference (Fig. 3)         ``logic.path_inference`` via ``CoCalMethod.parse``
+Table 5: CoCal on Mask2Former               ``model.decoder=mask2former``:
+                                           ``methods.kmax.model.Mask2FormerParser`` (components =
+                                           the queries' mask kernels), ``blocks.mask2former_losses``
+                                           (fixed matching; absent components are negatives)
 =========================================  ====================================================
 
 Switches (Table 2 rows): ``cocal.dictionary``, ``cocal.p_con``, ``cocal.o_con``, ``cocal.logic``
@@ -27,9 +31,10 @@ default 0.1); the banks store the per-image final dictionary components of the c
 enqueued after each optimiser step; Eq. 5's denominator is the positives plus the k hardest
 negatives; ``cocal.logic`` switches both the loss and the inference.
 
-Not yet: Table 5 (CoCal on the Mask2Former decoder of ``modeling/decoders/mask2former.py``); the
-dictionary, bank, contrastive and logic pieces are decoder-agnostic (``blocks/``,
-``logic.py``), the kMaX network is the only one wired so far.
+The dictionary, bank, contrastive and logic pieces are decoder-agnostic (``blocks/``,
+``logic.py``): they read the network's ``cluster_centres`` and per-level probabilities only, so
+``model.decoder=mask2former`` runs the same method on Mask2Former (Table 5; L_kMaX is then
+Mask2Former's own loss, weighted by ``cocal.w_kmax``).
 """
 
 from labelwise.engine.registry import register_method

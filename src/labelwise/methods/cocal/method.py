@@ -66,7 +66,7 @@ class CoCalMethod(KMaXMethod):
         cc = ctx.cfg.cocal
         net = ctx.module
         out = model(batch["image"])
-        kmax, logs = self.kmax_loss(net, out, batch, ctx)
+        kmax, logs = self.decoder_loss(net, out, batch, ctx)
         total = cc.w_kmax * kmax
         self._enqueue = None
         if cc.dictionary:

@@ -14,6 +14,10 @@ discrimination, auxiliary semantic             ``blocks.kmax_losses.loss_aux_sem
 semantic inference per level                   ``model.level_probabilities``
 =============================================  ===============================================
 
+``model.decoder=mask2former`` swaps in Mask2Former (deformable pixel decoder, masked-attention
+decoder, class + BCE + dice matching and losses: ``model.Mask2FormerParser``,
+``blocks.mask2former_losses``), the baseline row of CoCal's Table 5.
+
 For parsing, the queries form two groups -- the part level and the object level -- clustered
 separately (``query_groups``), with one class head over the joint class space (parts, then
 objects; the void class last). The two levels are predicted independently.

@@ -7,7 +7,10 @@ Hungarian algorithm on ``-(dice x p(class))`` (``blocks.kmax_losses.kmax_match``
 dictionary maps each segment to its class's component instead (``fixed_match``). The losses are
 kMaX-DeepLab's (``blocks.kmax_losses``): PQ-style class + dice, mask-ID cross-entropy, pixel-wise
 instance discrimination (every decoder prediction with ``loss.deep_supervision``) and the
-auxiliary semantic cross-entropy of each level.
+auxiliary semantic cross-entropy of each level. With ``model.decoder=mask2former`` (CoCal Table 5)
+the network is Mask2Former's and so are the matching (class + BCE + dice cost) and the losses
+(class cross-entropy with no-object 0.1, BCE + dice on sampled points, every layer;
+``blocks.mask2former_losses``); it has no auxiliary semantic head.
 
 Inference (``labelwise infer RUN --what parts``): per-level class probabilities
 (``model.level_probabilities``) at image size, arg-maxed per level (kMaX-DeepLab: the two levels
@@ -25,7 +28,7 @@ from labelwise.engine.method import Method, PredictContext, StepContext
 from labelwise.errors import LabelwiseError
 from labelwise.io import IGNORE_INDEX
 from labelwise.methods.kmax.config import KMaXConfig
-from labelwise.methods.kmax.model import KMaXParser, level_probabilities, upsample
+from labelwise.methods.kmax.model import build_parser, level_probabilities, upsample
 
 
 class _ParsingTrainTransform:
@@ -94,8 +97,8 @@ class KMaXMethod(Method):
         if getattr(info, "part_names", None) is None:
             raise LabelwiseError(f"method '{self.name}' parses parts: train on a parts:ROOT dataset (or a release "
                                  "adapter: partimagenet:, pascalpart:) that lists part and object classes")
-        return KMaXParser(cfg, len(info.part_names), len(info.class_names), dictionary=self.uses_dictionary(cfg),
-                          pretrained=pretrained)
+        return build_parser(cfg, len(info.part_names), len(info.class_names), dictionary=self.uses_dictionary(cfg),
+                            pretrained=pretrained)
 
     def build_train_dataset(self, cfg, spec, info=None, *, labels_dir=None, seeds_dir=None):
         if labels_dir is not None or seeds_dir is not None:
@@ -130,6 +133,51 @@ class KMaXMethod(Method):
         probs = group_softmax(out["pred_masks"].detach().float(), model.query_groups)
         return kmax_match(out.get("pred_logits"), probs, targets, groups=model.query_groups)
 
+    def decoder_loss(self, model, out: dict, batch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """The mask transformer's own loss (CoCal's L_kMaX): kMaX-DeepLab's, or Mask2Former's with
+        ``model.decoder=mask2former``."""
+        if ctx.cfg.model.decoder == "mask2former":
+            return self.mask2former_loss(model, out, batch, ctx)
+        return self.kmax_loss(model, out, batch, ctx)
+
+    def mask2former_loss(self, model, out: dict, batch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """Mask2Former's criterion on every decoder prediction: Hungarian matching within each level
+        (fixed matching with the dictionary), class CE + BCE + dice; absent dictionary components
+        are negatives (``blocks.mask2former_losses``)."""
+        from labelwise import dist
+        from labelwise.blocks.kmax_losses import fixed_match
+        from labelwise.blocks.mask2former_losses import mask2former_losses, mask2former_match
+
+        lc, mc = ctx.cfg.loss, ctx.cfg.loss.mask2former
+        targets = self.targets(model, batch)
+        dev = out["pred_masks"].device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(ctx.cfg.train.seed) * 1_000_003 + ctx.step * 131 + ctx.rank)
+        preds = [out] + (list(out["aux_outputs"]) if lc.deep_supervision else [])
+        C = None if model.dictionary else model.num_parts + model.num_objects
+        P, O = model.num_parts, model.num_objects
+        fixed = fixed_match(targets, [torch.arange(P, device=dev), P + torch.arange(O, device=dev)]) \
+            if model.dictionary else None
+        # Mask2Former's num_masks: the batch's target segments, averaged over ranks (kept on device)
+        n_local = torch.tensor(float(sum(t[1].numel() for t in targets)), device=dev)
+        num_masks = (dist.all_reduce_sum(n_local) / max(ctx.world_size, 1)).clamp(min=1.0)
+        weights = {"class": mc.class_weight, "mask": mc.mask, "dice": mc.dice}
+        total = out["pred_masks"].new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        for k, p in enumerate(preds):
+            m = fixed if fixed is not None else mask2former_match(
+                p.get("pred_logits"), p["pred_masks"], targets, groups=model.query_groups, weights=weights,
+                num_points=mc.num_points, generator=gen)
+            terms = mask2former_losses(p, targets, m, num_classes=C, num_masks=num_masks, no_object=mc.no_object,
+                                       num_points=mc.num_points, oversample=mc.oversample,
+                                       importance=mc.importance, absent_negative=model.dictionary, generator=gen)
+            total = total + mc.mask * terms["loss_mask"] + mc.dice * terms["loss_dice"]
+            if "loss_ce" in terms:
+                total = total + mc.class_weight * terms["loss_ce"]
+            if k == 0:
+                logs.update({name[5:]: v.detach() for name, v in terms.items()})
+        return total, logs
+
     def kmax_loss(self, model, out: dict, batch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """L_kMaX: the losses of every decoder prediction + the auxiliary semantic losses."""
         from labelwise.blocks.kmax_losses import kmax_losses, loss_aux_semantic
@@ -162,7 +210,7 @@ class KMaXMethod(Method):
 
     def training_step(self, model, batch, ctx: StepContext):
         out = model(batch["image"])
-        total, logs = self.kmax_loss(ctx.module, out, batch, ctx)
+        total, logs = self.decoder_loss(ctx.module, out, batch, ctx)
         return {"loss": total, **logs}
 
     # ------------------------------------------------------------------ inference
@@ -177,7 +225,7 @@ class KMaXMethod(Method):
 
     def predict(self, model, batch, ctx: PredictContext):
         out = model(batch["inputs"])
-        pp, po = level_probabilities(out, model.num_parts, model.num_objects, model.dictionary)
+        pp, po = level_probabilities(out, model.num_parts, model.num_objects, model.dictionary, model.mask_activation)
         res = []
         for b, item in enumerate(batch["items"]):  # images of one input size, each back to its own size
             size = item["image"].shape[:2]

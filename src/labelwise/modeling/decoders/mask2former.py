@@ -170,6 +170,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             width (else they are the ``hidden_dim`` decoder-normalised queries).
         num_classes: if given, a linear ``class_embed`` to ``num_classes + 1`` logits (last =
             no-object, as Mask2Former) is applied with every prediction.
+        level_tokens: OAP's [SEM] / [INS] tokens (``False``: plain Mask2Former; the two query
+            groups are then told apart only by their learnable queries, e.g. the part and
+            object groups of object parsing).
 
     ``forward(x, mask_features)``: ``x`` a list of ``num_feature_levels`` maps (B, in_channels,
     h_l, w_l), in the official order (lowest resolution first), ``mask_features``
@@ -177,6 +180,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     * ``pred_masks`` (B, Q, H, W) mask logits of the last layer,
     * ``queries`` (B, Q, hidden_dim or embed_dim) its query embeddings,
+    * ``mask_embed`` (B, Q, mask_dim) the mask kernels (``pred_masks = mask_embed . mask_features``),
     * ``pred_logits`` (B, Q, num_classes + 1), only with ``num_classes``,
     * ``aux_outputs``: ``dec_layers`` dicts with the same keys (no ``level``), the prediction
       after the query init and after layers ``0 .. dec_layers-2``,
@@ -186,7 +190,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def __init__(self, in_channels: int = 256, hidden_dim: int = 256, num_semantic_queries: int = 50,
                  num_instance_queries: int = 150, nheads: int = 8, dim_feedforward: int = 2048,
                  dec_layers: int = 9, mask_dim: int = 256, num_feature_levels: int = 3,
-                 embed_dim: int | None = None, num_classes: int | None = None, dropout: float = 0.0) -> None:
+                 embed_dim: int | None = None, num_classes: int | None = None, dropout: float = 0.0,
+                 level_tokens: bool = True) -> None:
         super().__init__()
         if hidden_dim % 2 or hidden_dim % nheads:
             raise ValueError("hidden_dim must be even and divisible by nheads")
@@ -215,10 +220,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.query_embed = nn.Embedding(self.num_queries, hidden_dim)  # learnable query position
         self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)  # memory scale embedding
         # OAP's [SEM] / [INS] tokens (small init as other learnable tokens, e.g. ViT's cls token).
-        self.sem_token = nn.Parameter(torch.empty(hidden_dim))
-        self.ins_token = nn.Parameter(torch.empty(hidden_dim))
-        nn.init.trunc_normal_(self.sem_token, std=0.02)
-        nn.init.trunc_normal_(self.ins_token, std=0.02)
+        self.sem_token = self.ins_token = None
+        if level_tokens:
+            self.sem_token = nn.Parameter(torch.empty(hidden_dim))
+            self.ins_token = nn.Parameter(torch.empty(hidden_dim))
+            nn.init.trunc_normal_(self.sem_token, std=0.02)
+            nn.init.trunc_normal_(self.ins_token, std=0.02)
         self.register_buffer(
             "level", torch.cat([torch.zeros(self.num_semantic_queries, dtype=torch.long),
                                 torch.ones(self.num_instance_queries, dtype=torch.long)]), persistent=False)
@@ -238,8 +245,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.query_proj = nn.Linear(hidden_dim, embed_dim) if embed_dim is not None else None
 
     # ------------------------------------------------------------------------------------------
-    def level_tokens(self) -> torch.Tensor:
-        """(Q, hidden_dim): ``sem_token`` for the semantic rows, ``ins_token`` for the instance rows."""
+    def level_tokens(self) -> torch.Tensor | None:
+        """(Q, hidden_dim): ``sem_token`` for the semantic rows, ``ins_token`` for the instance rows
+        (``None`` without level tokens)."""
+        if self.sem_token is None:
+            return None
         return torch.stack([self.sem_token, self.ins_token])[self.level]
 
     def forward_prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor,
@@ -250,7 +260,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_embed = self.mask_embed(decoder_output)
         pred_masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         queries = decoder_output if self.query_proj is None else self.query_proj(decoder_output)
-        out = {"pred_masks": pred_masks, "queries": queries}
+        out = {"pred_masks": pred_masks, "queries": queries, "mask_embed": mask_embed}
         if self.class_embed is not None:
             out["pred_logits"] = self.class_embed(decoder_output)
         attn_mask = None
@@ -270,15 +280,18 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         bs = mask_features.shape[0]
         query_embed = self.query_embed.weight.unsqueeze(1).expand(-1, bs, -1)  # (Q, B, C)
-        tokens = self.level_tokens().unsqueeze(1)  # (Q, 1, C)
-        output = self.query_feat.weight.unsqueeze(1).expand(-1, bs, -1) + tokens
+        tokens = self.level_tokens()
+        tokens = None if tokens is None else tokens.unsqueeze(1)  # (Q, 1, C)
+        output = self.query_feat.weight.unsqueeze(1).expand(-1, bs, -1)
+        if tokens is not None:
+            output = output + tokens
 
         predictions = []
         pred, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
         predictions.append(pred)
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
-            if i > 0:  # layer 0's input is the tagged initial query set already
+            if i > 0 and tokens is not None:  # layer 0's input is the tagged initial query set already
                 output = output + tokens
             output = self.transformer_cross_attention_layers[i](
                 output, src[level_index], memory_mask=attn_mask, pos=pos[level_index], query_pos=query_embed)
