@@ -41,7 +41,7 @@ from labelwise.blocks.mask_losses import (
     sigmoid_ce_loss,
     uncertain_point_coords,
 )
-from labelwise.blocks.matching import hungarian_match
+from labelwise.blocks.matching import hungarian_match_per_group
 
 __all__ = ["MASK2FORMER_WEIGHTS", "mask2former_losses", "mask2former_match"]
 
@@ -92,17 +92,9 @@ def mask2former_match(pred_logits: torch.Tensor | None, pred_masks: torch.Tensor
         cost = w["mask"] * batch_sigmoid_ce_cost(p, t) + w["dice"] * batch_dice_cost(p, t)   # (Q, M)
         if cls_prob is not None:
             cost = cost - w["class"] * cls_prob[b][:, classes]
-        rows, cols = [], []        # a query may only take targets of its own group
-        for g in torch.unique(tg).tolist():
-            qi, ti = torch.nonzero(qg == g).squeeze(1), torch.nonzero(tg == g).squeeze(1)
-            if qi.numel() == 0:
-                continue
-            r, c = hungarian_match(cost[qi][:, ti])
-            rows.append(qi[r])
-            cols.append(ti[c])
-        rows_t, cols_t = torch.cat(rows), torch.cat(cols)
-        order = torch.argsort(rows_t)
-        out.append((rows_t[order], cols_t[order]))
+        rows, cols = hungarian_match_per_group(cost, qg, tg)   # a query only takes targets of its own group
+        order = torch.argsort(rows)
+        out.append((rows[order], cols[order]))
     return out
 
 

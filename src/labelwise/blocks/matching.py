@@ -15,7 +15,8 @@ from scipy.optimize import linear_sum_assignment
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["hungarian_match", "hungarian_match_batch", "crop_masks_to_view", "match_per_level"]
+__all__ = ["hungarian_match", "hungarian_match_batch", "hungarian_match_per_group", "crop_masks_to_view",
+           "match_per_level"]
 
 
 def hungarian_match(cost: Any, maximize: bool = False):
@@ -46,6 +47,28 @@ def hungarian_match(cost: Any, maximize: bool = False):
 def hungarian_match_batch(costs: Sequence[Any], maximize: bool = False) -> list[tuple[Any, Any]]:
     """:func:`hungarian_match` for each matrix of a list (matrices may differ in shape)."""
     return [hungarian_match(c, maximize=maximize) for c in costs]
+
+
+def hungarian_match_per_group(cost: "torch.Tensor", pred_group: "torch.Tensor", target_group: "torch.Tensor"
+                              ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Hungarian matching of a (Q, T) ``cost`` separately within each group: prediction ``q`` may
+    only take targets with ``target_group == pred_group[q]``. Returns ``(pred_idx, target_idx)``,
+    group after group in ascending group id (empty when no group has both predictions and targets)."""
+    import torch
+
+    rows, cols = [], []
+    for g in torch.unique(target_group).tolist():
+        qi = torch.nonzero(pred_group == g).squeeze(1)
+        ti = torch.nonzero(target_group == g).squeeze(1)
+        if qi.numel() == 0 or ti.numel() == 0:
+            continue
+        r, c = hungarian_match(cost[qi][:, ti])
+        rows.append(qi[r])
+        cols.append(ti[c])
+    if not rows:
+        z = torch.zeros(0, dtype=torch.long, device=cost.device)
+        return z, z.clone()
+    return torch.cat(rows), torch.cat(cols)
 
 
 def crop_masks_to_view(masks: "torch.Tensor", box: Sequence[float], out_size: tuple[int, int],
@@ -92,18 +115,6 @@ def match_per_level(pred_logits: "torch.Tensor", pred_level: "torch.Tensor", tar
     if num_points is not None and num_points < p.shape[1]:
         idx = torch.randperm(p.shape[1], generator=generator, device="cpu")[:num_points].to(p.device)
         p, t = p[:, idx], t[:, idx]
-    rows, cols = [], []
-    for level in torch.unique(target_level).tolist():              # the two levels
-        qi = torch.nonzero(pred_level == level).squeeze(1)
-        ti = torch.nonzero(target_level == level).squeeze(1)
-        if qi.numel() == 0 or ti.numel() == 0:
-            continue
-        with torch.no_grad():
-            cost = batch_dice_cost(p[qi], t[ti])
-        r, c = hungarian_match(cost)
-        rows.append(qi[r])
-        cols.append(ti[c])
-    if not rows:
-        z = torch.zeros(0, dtype=torch.long, device=pred_logits.device)
-        return z, z.clone()
-    return torch.cat(rows), torch.cat(cols)
+    with torch.no_grad():
+        cost = batch_dice_cost(p, t)
+    return hungarian_match_per_group(cost, pred_level, target_level)

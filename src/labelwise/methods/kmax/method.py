@@ -122,14 +122,21 @@ class KMaXMethod(Method):
             out.append((torch.cat([mp, mo]), torch.cat([cp, co]), torch.cat([gp, go])))
         return out
 
+    @staticmethod
+    def dictionary_match(model, targets, device) -> list:
+        """CoCal: component i of a level is class i (no Hungarian matching); object components follow
+        the part components."""
+        from labelwise.blocks.kmax_losses import fixed_match
+
+        P, O = model.num_parts, model.num_objects
+        return fixed_match(targets, [torch.arange(P, device=device), P + torch.arange(O, device=device)])
+
     def match(self, model, out: dict, targets) -> list:
-        from labelwise.blocks.kmax_losses import fixed_match, kmax_match
+        from labelwise.blocks.kmax_losses import kmax_match
         from labelwise.modeling.decoders import group_softmax
 
-        if model.dictionary:  # CoCal: component i of a level is class i (no Hungarian matching)
-            P, O = model.num_parts, model.num_objects
-            dev = out["pred_masks"].device
-            return fixed_match(targets, [torch.arange(P, device=dev), P + torch.arange(O, device=dev)])
+        if model.dictionary:
+            return self.dictionary_match(model, targets, out["pred_masks"].device)
         probs = group_softmax(out["pred_masks"].detach().float(), model.query_groups)
         return kmax_match(out.get("pred_logits"), probs, targets, groups=model.query_groups)
 
@@ -145,7 +152,6 @@ class KMaXMethod(Method):
         (fixed matching with the dictionary), class CE + BCE + dice; absent dictionary components
         are negatives (``blocks.mask2former_losses``)."""
         from labelwise import dist
-        from labelwise.blocks.kmax_losses import fixed_match
         from labelwise.blocks.mask2former_losses import mask2former_losses, mask2former_match
 
         lc, mc = ctx.cfg.loss, ctx.cfg.loss.mask2former
@@ -155,9 +161,7 @@ class KMaXMethod(Method):
         gen.manual_seed(int(ctx.cfg.train.seed) * 1_000_003 + ctx.step * 131 + ctx.rank)
         preds = [out] + (list(out["aux_outputs"]) if lc.deep_supervision else [])
         C = None if model.dictionary else model.num_parts + model.num_objects
-        P, O = model.num_parts, model.num_objects
-        fixed = fixed_match(targets, [torch.arange(P, device=dev), P + torch.arange(O, device=dev)]) \
-            if model.dictionary else None
+        fixed = self.dictionary_match(model, targets, dev) if model.dictionary else None
         # Mask2Former's num_masks: the batch's target segments, averaged over ranks (kept on device)
         n_local = torch.tensor(float(sum(t[1].numel() for t in targets)), device=dev)
         num_masks = (dist.all_reduce_sum(n_local) / max(ctx.world_size, 1)).clamp(min=1.0)
