@@ -1,11 +1,12 @@
 """CoBra's Table 3, Table 5 and pipeline figures from ``labelwise run cobra-ablation`` outputs.
 
-    python bench/cobra_tables.py runs/cobra-ablation [more output folders ...] > tables.md
+    python bench/cobra_tables.py seed0=runs/abl-s0 seed1=runs/abl-s1 "dev seed 5=runs/abl-s5" > tables.md
 
-Every folder is a recipe output (``OUT/<stage>/metrics.json`` of the ``evaluate`` stages); several
-folders are merged by stage name (the same recipe split over parallel runners). Columns: mIoU,
-precision, recall, confusion ratio (FP/TP) and the mean IoU of the ``cooc`` testbed's co-occurring
-classes and of its control classes.
+Each argument is ``NAME=FOLDER`` (or a bare folder, named after itself): one recipe output per testbed
+seed (``OUT/<stage>/metrics.json`` of the ``evaluate`` stages). First a compact mIoU table with a
+column per folder, then each folder's full tables: mIoU, precision, recall, confusion ratio (FP/TP)
+and the mean IoU of the ``cooc`` testbed's co-occurring classes and of its control classes. A stage
+that has not run shows as "not run".
 """
 
 from __future__ import annotations
@@ -21,15 +22,12 @@ T5 = [("cnn", "M_cnn"), ("vit", "M_tran"), ("mean", "(M_cnn + M_tran)/2"), ("max
       ("fuse", "M_fuse")]
 PIPELINE = [("t3_cobra", "M_fuse seeds (train)"), ("eval_crf_fuse", "M_fuse + CRF masks (train)"),
             ("t5_irn_fuse", "IRN masks (train)"), ("eval_irn_crf_fuse", "IRN + CRF masks (train)"),
-            ("eval_segmentation", "DeepLabV3+ on the IRN + CRF masks (val)")]
+            ("eval_segmentation", "DeepLabV3+ on the IRN + CRF masks (val)"),
+            ("t5_irn_fuse_release", "IRN masks, the IRN release's IR labels 0.30 / 0.05 (train)")]
 
 
-def collect(folders: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for f in folders:
-        for p in sorted(Path(f).glob("*/metrics.json")):
-            out[p.parent.name] = json.loads(p.read_text())
-    return out
+def collect(folder: str | Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*/metrics.json"))}
 
 
 def _groups() -> dict[str, list[str]]:
@@ -47,31 +45,64 @@ def _cells(m: dict | None, groups: dict[str, list[str]]) -> list[str]:
             *[f"{v:.3f}" for v in g]]
 
 
+def _rows(metrics: dict[str, dict]) -> list[tuple[str, str, dict | None]]:
+    """(table, row, metrics) of every figure, in the order of the paper's tables."""
+    out = [("Table 3: seed mIoU (train), the preset's fixed background, no CRF", n, metrics.get(f"t3_{k}"))
+           for k, n in T3]
+    out += [("Table 3, the same seeds at the conventional background 0.5", n, metrics.get(f"t3_{k}_fixed"))
+            for k, n in T3]
+    out += [("Table 5: seeds of each source (train), the preset's fixed background, no CRF", n,
+             metrics.get("t3_cobra" if k == "fuse" else f"t5_seed_{k}")) for k, n in T5]
+    out += [("Table 5: the same seeds at the conventional background 0.5", n,
+             metrics.get("t3_cobra_fixed" if k == "fuse" else f"t5_seed_{k}_fixed")) for k, n in T5]
+    out += [("Table 5: IRN masks trained on each source (train; IR labels from the attention threshold)", n,
+             metrics.get(f"t5_irn_{k}")) for k, n in T5]
+    out += [("Pipeline on M_fuse", n, metrics.get(k)) for k, n in PIPELINE]
+    return out
+
+
 def tables(metrics: dict[str, dict]) -> str:
     groups = _groups()
     head = ["mIoU", "precision", "recall", "FP/TP", *[f"{k} IoU" for k in groups]]
+    lines, last = [], None
+    for title, name, m in _rows(metrics):
+        if title != last:
+            lines += ([""] if last else []) + [f"#### {title}", "", "| row | " + " | ".join(head) + " |",
+                                               "|---|" + "---:|" * len(head)]
+            last = title
+        lines.append(f"| {name} | " + " | ".join(_cells(m, groups)) + " |")
+    return "\n".join(lines) + "\n"
 
-    def table(title: str, rows: list[tuple[str, dict | None]]) -> list[str]:
-        lines = [f"### {title}", "", "| row | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
-        lines += [f"| {name} | " + " | ".join(_cells(m, groups)) + " |" for name, m in rows]
-        return lines + [""]
 
-    out = table("Table 3: seed mIoU (train), each image's attention-derived background (CNN-only: 0.5), no CRF",
-                [(n, metrics.get(f"t3_{k}")) for k, n in T3])
-    out += table("Table 3, the same seeds at the fixed background 0.5 (one protocol for every row)",
-                 [(n, metrics.get(f"t3_{k}_fixed")) for k, n in T3])
-    out += table("Table 5: seeds of each source (train), attention-derived background, no CRF",
-                 [(n, metrics.get("t3_cobra" if k == "fuse" else f"t5_seed_{k}")) for k, n in T5])
-    out += table("Table 5: IRN masks trained on each source (train)", [(n, metrics.get(f"t5_irn_{k}")) for k, n in T5])
-    out += table("Pipeline on M_fuse", [(n, metrics.get(k)) for k, n in PIPELINE])
-    return "\n".join(out)
+def compact(runs: dict[str, dict[str, dict]]) -> str:
+    """One mIoU column per folder, every figure of :func:`_rows`."""
+    names = list(runs)
+    lines, last = [], None
+    for i, (title, name, _) in enumerate(_rows({})):
+        if title != last:
+            lines += ([""] if last else []) + [f"#### {title}", "", "| row | " + " | ".join(names) + " |",
+                                               "|---|" + "---:|" * len(names)]
+            last = title
+        cells = []
+        for r in runs.values():
+            m = _rows(r)[i][2]
+            cells.append("not run" if m is None else f"{m['miou']:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("folders", nargs="+", help="labelwise run cobra-ablation output folders")
+    p.add_argument("folders", nargs="+", help="NAME=FOLDER: labelwise run cobra-ablation outputs, one per testbed seed")
     args = p.parse_args(argv)
-    sys.stdout.write(tables(collect(args.folders)) + "\n")
+    runs = {}
+    for a in args.folders:
+        name, _, folder = a.rpartition("=") if "=" in a else (a, "", a)
+        runs[name] = collect(folder)
+    out = ["### mIoU of every figure, per testbed seed", "", compact(runs)]
+    for name, m in runs.items():
+        out += [f"### {name}", "", tables(m)]
+    sys.stdout.write("\n".join(out))
     return 0
 
 

@@ -155,16 +155,23 @@ def test_seed_sources_follow_their_formulas():
     assert (fuse >= t).all() and torch.equal(fuse > t, c > t)  # the ViT map grows only where the CNN is higher
 
 
-def test_attention_threshold_is_a_snapped_clamped_quantile():
-    g = torch.Generator().manual_seed(5)
-    a = torch.rand(3, 10, 10, generator=g) ** 3
-    a[2] = 0.001  # flat attention: quantile 1.0 -> clamped to the range's top
-    t = L.attention_bg_threshold(a, 0.93, 0.05, 0.05, 0.9)
-    for b in range(3):
-        n = (a[b] / a[b].max()).flatten().numpy()
-        ref = min(max(round(np.quantile(n, 0.93) / 0.05) * 0.05, 0.05), 0.9)
-        assert float(t[b]) == pytest.approx(ref, abs=1e-6)
-    assert float(t[2]) == pytest.approx(0.9)
+def test_attention_threshold_hand_computed():
+    """Supplement Sec. 9.1's per-image threshold on a map whose quantiles are known by hand: the 20
+    values 1..20, quantile 0.3 at sorted position 0.3 x 19 = 5.7, i.e. 6.7 (linear interpolation)."""
+    a = torch.arange(1.0, 21.0).reshape(1, 4, 5)
+    # max-normalised: 6.7 / 20 = 0.335 -> snapped to 0.35
+    assert L.attention_bg_threshold(a, 0.3, 0.05, 0.05, 0.95, "max").item() == pytest.approx(0.35)
+    # min-max: (6.7 - 1) / 19 = 0.3
+    assert L.attention_bg_threshold(a, 0.3, 0.05, 0.05, 0.95, "minmax").item() == pytest.approx(0.30)
+    # raw (the release): 6.7 itself -> clamped to the range's top; a hundredth of it: 0.067 -> 0.05
+    assert L.attention_bg_threshold(a, 0.3, 0.05, 0.05, 0.95, "raw").item() == pytest.approx(0.95)
+    assert L.attention_bg_threshold(a / 100, 0.3, 0.05, 0.05, 0.95, "raw").item() == pytest.approx(0.05)
+    assert L.attention_bg_threshold(a, 0.3, 0.0, 0.0, 1.0, "max").item() == pytest.approx(0.335)  # no snap
+    # per image of a batch: a flat map's every quantile is its maximum
+    both = L.attention_bg_threshold(torch.cat([a, torch.full_like(a, 0.01)]), 0.3, 0.05, 0.05, 0.9, "max")
+    assert both.tolist() == pytest.approx([0.35, 0.9])
+    with pytest.raises(ValueError, match="norm"):
+        L.attention_bg_threshold(a, 0.3, 0.05, 0.05, 0.95, "median")
 
 
 # --------------------------------------------------------------------------- the method
@@ -232,7 +239,7 @@ def test_single_branch_rows_and_bad_switches(cooc, tmp_path):
                                                                     "cobra.l_cap=false", "cobra.l_sap=false"], **common)
     api.infer(run, f"voc:{cooc}", "val", tmp_path / "pc", what="seeds", show_progress=False)
     z = np.load(next((tmp_path / "pc").glob("*.npz")))
-    assert float(z["bg_threshold"]) == 0.5  # no attention map: the fixed threshold
+    assert "bg_threshold" not in z.files  # no attention map: no threshold for IRN (it uses its own numbers)
 
 
 def test_the_whole_pipeline_recipe_runs_end_to_end(tmp_path, monkeypatch):
@@ -244,7 +251,6 @@ def test_the_whole_pipeline_recipe_runs_end_to_end(tmp_path, monkeypatch):
     res = run_recipe("cobra", tmp_path / "p", show_progress=False, log=lambda m: None,
                      overrides=["train=8", "val=3", "size=64", "steps=2", "irn_steps=2", "segmenter_steps=2",
                                 "cobra.set=[data.crop_size=64, train.batch_size=4]",
-                                "irn.set=[data.crop_size=64, train.batch_size=4]",
                                 "segmenter.set=[data.crop_size=64, train.batch_size=4]"])
     rows = {r["label"]: r for r in res["table"]}
     assert {"seed M_fuse (train)", "IRN masks (train)", "DeepLabV3+ on the IRN + CRF masks (val)"} <= set(rows)
@@ -252,6 +258,15 @@ def test_the_whole_pipeline_recipe_runs_end_to_end(tmp_path, monkeypatch):
     npz = np.load(next((tmp_path / "p" / "seeds_fuse").glob("*.npz")))
     assert "bg_threshold" in npz.files  # IRN's thresholds come from the seeds, never from ground truth
     assert json.loads((tmp_path / "p" / "irn" / "run.json").read_text())["inputs"]["seeds"].endswith("seeds_fuse")
+    import yaml
+
+    irn_cfg = yaml.safe_load((tmp_path / "p" / "irn" / "config.yaml").read_text())
+    # CoBra's IRN: IR labels from each image's attention threshold (supplement Sec. 9.1); the
+    # release's walk background and the walk sized to the grid
+    assert irn_cfg["irn"]["thresholds"] == "seeds" and irn_cfg["infer"]["walk_bg"] == "fixed"
+    assert irn_cfg["infer"]["exp_times"] is None
+    # that IRN's masks beat the seeds they refine is tested on a testbed where IRN trains long
+    # enough to learn: tests/test_irn.py::test_irn_masks_beat_the_seeds_they_refine
 
 
 def test_cls_rows_only_attention_and_ts_cam_coupling_are_the_full_computation():

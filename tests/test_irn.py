@@ -102,6 +102,41 @@ def test_random_walk_spreads_inside_its_region_and_not_across_the_boundary():
     assert torch.allclose(both[1], random_walk(c2.flip(-1), b2.flip(-1), exp_times=6)[0], rtol=1e-4, atol=1e-6)
 
 
+def test_walk_length_follows_the_grid_and_matters_on_a_soft_partial_boundary():
+    """A core-only seed inside a disc whose boundary is soft (peak 0.5, 0.03 noise) and partial
+    (15 % of the edge missing): the walk of the grid's length (2^5 on 40 x 40, the release's 2^8 on
+    VOC's 125 x 94 scaled by area) grows the seed to the object; the VOC length floods the image
+    through the gaps (after the global-max normalisation everything is above the 0.25 level)."""
+    from labelwise.engine.api import resolve_method_config
+    from labelwise.engine.registry import get_method
+    from labelwise.methods.irn import walk_exp_times
+
+    cfg = resolve_method_config(get_method("irn"), "cpu")
+    assert cfg.infer.exp_times is None
+    assert [walk_exp_times(c, cfg) for c in (125 * 94, 40 * 40, 32 * 32, 250 * 188, 4)] == [8, 5, 4, 10, 0]
+    cfg.infer.exp_times = 3
+    assert walk_exp_times(40 * 40, cfg) == 3  # a number is taken as it is
+
+    h = w = 40
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    d = ((yy - 20) ** 2 + (xx - 17) ** 2).sqrt()
+    gt = d <= 10
+    seed = torch.exp(-d ** 2 / (2 * 4.0 ** 2))  # peaked on the object's core, as CAMs are
+    edge = ((d > 9.3) & (d < 10.7)).float() * (torch.sin(torch.atan2(yy - 20, xx - 17) * 4) <= 0.9).float()
+    boundary = (0.5 * edge + 0.03 * torch.rand(h, w, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+
+    def iou(m):
+        return float((m & gt).sum() / (m | gt).sum())
+
+    def walked(t):
+        x = random_walk(seed[None, None], boundary[None], beta=10, exp_times=t, radius=5, mode="square")[0, 0]
+        return iou(x / x.max() > 0.25)  # the release: one global maximum, background level 0.25
+
+    short, voc = walked(5), walked(8)
+    assert iou(seed > 0.25) < 0.5 < 0.8 < short  # the grid's walk refines the seed to the object
+    assert voc < 0.25  # the VOC walk floods: the flattened map is above 0.25 everywhere
+
+
 # --------------------------------------------------------------------------- IR labels
 def _two_class_seeds(H=24, W=24):
     yy, xx = np.mgrid[0:H, 0:W]
@@ -131,11 +166,17 @@ def test_ir_labels_follow_the_thresholds_and_bg_threshold_from_the_seeds(tmp_pat
     np.savez(tmp_path / "b.npz", cams=cams.astype(np.float16), keys=keys)
     sa, sb = read_seeds(tmp_path / "a.npz"), read_seeds(tmp_path / "b.npz")
     assert sa["bg_threshold"] == pytest.approx(0.2) and "bg_threshold" not in sb
-    assert seed_thresholds(sa, cfg) == pytest.approx((0.7, 0.2, 0.2))  # auto: conf_fg = bg + fg_gap (0.5)
-    assert seed_thresholds(sb, cfg) == (0.30, 0.05, None)
-    cfg.irn.thresholds = "fixed"
-    assert seed_thresholds(sa, cfg) == (0.30, 0.05, None)
-    cfg.irn.thresholds = "auto"
+    assert cfg.irn.thresholds == "fixed"  # the release's default: the file's threshold is not read
+    assert seed_thresholds(sa, cfg) == (0.30, 0.05)
+    cfg.irn.thresholds = "seeds"  # CoBra supplement Sec. 9.1: conf_fg = bg + fg_gap (0.5)
+    assert seed_thresholds(sa, cfg) == pytest.approx((0.7, 0.2))
+    assert seed_thresholds(sb, cfg) == (0.30, 0.05)  # a file without one: the numbers
+    # a threshold that would leave no confident foreground on max-normalised CAMs (conf_fg >= 1)
+    # is capped: conf_fg 0.9, conf_bg 0.4, and the label keeps the object's peak as foreground
+    s_hi = {**sa, "bg_threshold": 0.7}
+    assert seed_thresholds(s_hi, cfg) == pytest.approx((0.9, 0.4))
+    lab_hi = ir_label(cams, keys, img, *seed_thresholds(s_hi, cfg), crf=False)
+    assert set(np.unique(lab_hi[best > 0.9])) == {2, 5} and np.all(lab_hi[best <= 0.4] == 0)
 
     # the training transform: IR labels from the seeds only -- a (wrong) dataset mask is ignored
     from labelwise.methods.irn.method import _IRNTrainTransform
@@ -146,7 +187,7 @@ def test_ir_labels_follow_the_thresholds_and_bg_threshold_from_the_seeds(tmp_pat
     item = {"image": img32, "mask": np.full((32, 32), 3, np.uint8), "image_id": "x",
             "seeds": {"cams": cams32, "keys": keys32, "bg_threshold": 0.2}}
     out = tf(item, np.random.default_rng(0))
-    expect = ir_label(cams32, keys32, img32, 0.7, 0.2, crf=False)[::4, ::4]
+    expect = ir_label(cams32, keys32, img32, 0.7, 0.2, crf=False)[2::4, 2::4]  # the cell centres (PIL nearest)
     assert out["image"].shape == (3, 32, 32) and np.array_equal(out["label"].numpy(), expect)
     assert 3 not in np.unique(out["label"].numpy())
 
@@ -290,6 +331,10 @@ def test_train_and_infer_with_seeds_write_masks_and_refined_seeds(cooc, tmp_path
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2, 3]
     assert {"aff_pos", "aff_neg", "disp_fg", "disp_bg"} <= set(log[-1])
+    # IR-label statistics of every step: cell fractions sum to 1, negative pairs counted
+    ir = log[-1]
+    assert ir["ir_fg"] + ir["ir_bg"] + ir["ir_ignore"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 <= ir["ir_no_fg"] <= 1.0 and ir["ir_neg_pairs"] >= 0
     assert json.loads((run / "run.json").read_text())["inputs"]["seeds"] == str(cooc["train"].resolve())
 
     # the training split without --seeds: the run's own seeds
@@ -332,8 +377,9 @@ def test_train_and_infer_with_seeds_write_masks_and_refined_seeds(cooc, tmp_path
         _inference_seeds(get_method("cam"), None, run, spec, "val", cooc["val"])
 
 
-def test_bg_threshold_of_the_seeds_sets_the_walk_background(cooc, tmp_path, monkeypatch):
-    """auto thresholds: a seeds file's bg_threshold replaces infer.sem_seg_bg; fixed: it does not."""
+def test_walk_background_is_the_release_level_unless_asked_to_read_the_seeds(cooc, tmp_path, monkeypatch):
+    """infer.walk_bg fixed (default): infer.sem_seg_bg, whatever a seeds file's bg_threshold says;
+    walk_bg seeds: the file's value. The walked maps' percentiles and walk length are written."""
     from labelwise.engine import api
     from labelwise.io import read_label
 
@@ -342,13 +388,17 @@ def test_bg_threshold_of_the_seeds_sets_the_walk_background(cooc, tmp_path, monk
     run = api.train("irn", spec, tmp_path / "run", preset="cpu", steps=1, seeds=cooc["train"],
                     overrides=SETS + ["irn.ir_crf=false"], show_progress=False)
     hi = _write_seeds(spec, "val", tmp_path / "hi", bg_threshold=0.999)
-    api.infer(run, spec, "val", tmp_path / "a", what="masks", seeds=hi, show_progress=False)
-    api.infer(run, spec, "val", tmp_path / "b", what="masks", seeds=hi, overrides=["infer.sem_seg_bg=0.0"],
-              show_progress=False)  # auto: the file's 0.999 wins over the setting
-    masks_a = [read_label(p) for p in sorted((tmp_path / "a").glob("*.png"))]
-    masks_b = [read_label(p) for p in sorted((tmp_path / "b").glob("*.png"))]
-    fg_a = sum(int((m > 0).sum()) for m in masks_a)
-    assert fg_a == sum(int((m > 0).sum()) for m in masks_b) and fg_a < 0.01 * sum(m.size for m in masks_a)
+
+    def fg(out, sets):
+        api.infer(run, spec, "val", tmp_path / out, what="masks,seeds", seeds=hi, overrides=sets, show_progress=False)
+        masks = [read_label(p) for p in sorted((tmp_path / out).glob("*.png"))]
+        return sum(int((m > 0).sum()) for m in masks) / sum(m.size for m in masks)
+
+    assert fg("a", ["infer.sem_seg_bg=0.0"]) > 0.9  # fixed: level 0 -> every pixel is some class
+    assert fg("b", ["infer.sem_seg_bg=0.0", "infer.walk_bg=seeds"]) < 0.01  # the file's 0.999 wins
+    z = np.load(sorted((tmp_path / "a").glob("*.npz"))[0])
+    assert int(z["walk_exp_times"]) == 4 and z["boundary_quantiles"].shape == (3,)  # SETS: exp_times 4
+    assert np.all(np.diff(z["boundary_quantiles"]) >= 0) and 0 <= z["boundary_quantiles"].min() <= 1
 
 
 def test_bad_inputs_are_one_line_errors(cooc, tmp_path, monkeypatch, capsys):
@@ -371,3 +421,53 @@ def test_bad_inputs_are_one_line_errors(cooc, tmp_path, monkeypatch, capsys):
     with pytest.raises(LabelwiseError, match="data.crop_size"):
         api.train("irn", spec, tmp_path / "r4", preset="cpu", steps=1, seeds=cooc["train"],
                   overrides=SETS + ["data.crop_size=48"], show_progress=False)
+
+
+def test_training_without_the_label_crf_stops_with_one_line(cooc, tmp_path, monkeypatch, capsys):
+    """IR labels without the dense CRF lose most of their boundary pairs: without pydensecrf2 the
+    training refuses with one line naming the install and the knowing opt-out."""
+    import labelwise.blocks.crf as crf
+    from labelwise.cli import main
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    monkeypatch.setattr(crf, "crf_available", lambda: False)
+    base = ["train", "irn", "--data", cooc["spec"], "--seeds", str(cooc["train"]), "--steps", "1", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--set", *SETS]) == 2
+    err = capsys.readouterr().err
+    assert "pydensecrf2" in err and "irn.ir_crf=false" in err and err.count("\n") == 1
+    assert main(base + ["--out", str(tmp_path / "b"), "--set", *SETS, "irn.ir_crf=false"]) == 0
+
+
+def test_irn_masks_beat_the_seeds_they_refine(tmp_path, monkeypatch):
+    """The pipeline's claim on a testbed: IRN (cpu preset: release IR labels with the CRF, the walk
+    sized to the grid) trained on CAM-like seeds -- peaked on each object's core and blurred across
+    its edges, made from the masks -- gives masks that score above those seeds at the same
+    background levels (the walk's 0.25 and the cobra preset's 0.3)."""
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    from labelwise.data.spec import build_dataset
+    from labelwise.data.synth import generate, testbed_spec
+    from labelwise.engine import api
+    from labelwise.evaluation.api import evaluate
+
+    pytest.importorskip("pydensecrf.densecrf")
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    spec = testbed_spec("cooc", generate("cooc", tmp_path / "tb", n_train=24, n_val=2, size=96, seed=3))
+    ds, seeds = build_dataset(spec, "train"), tmp_path / "seeds"
+    seeds.mkdir()
+    for i in range(len(ds)):
+        m = ds.load_mask(i).astype(np.int64)
+        keys = np.array(sorted(int(c) for c in np.unique(m) if 0 < c < 255), dtype=np.int64)
+        cams = []
+        for k in keys:
+            d = distance_transform_edt(m == k)
+            c = gaussian_filter((d / max(d.max(), 1.0)) ** 2, 2.0)  # a CAM: peaked on the core, spilling over
+            cams.append(c / max(c.max(), 1e-6))
+        np.savez(seeds / f"{ds.ids[i]}.npz", cams=np.stack(cams).astype(np.float16), keys=keys)
+    run = api.train("irn", spec, tmp_path / "run", preset="cpu", steps=80, seeds=seeds,
+                    overrides=["data.crop_size=64"], show_progress=False)
+    api.infer(run, spec, "train", tmp_path / "masks", what="masks", seeds=seeds, show_progress=False)
+    irn = evaluate("semantic", tmp_path / "masks", spec, "train")["miou"]
+    for level in (0.25, 0.3):
+        seed = evaluate("semantic", seeds, spec, "train", bg_threshold=level)["miou"]
+        assert irn > seed + 0.1, (level, irn, seed)

@@ -88,6 +88,9 @@ class LabelPNGWriter(Writer):
 
 
 class CamNpzWriter(Writer):
+    #: optional per-image diagnostics stored beside the maps (read by people, ignored by readers)
+    DIAGNOSTICS = ("walk_exp_times", "boundary_quantiles")
+
     def files(self, image_id: str) -> list[Path]:
         return [self.out / f"{image_id}.npz"]
 
@@ -99,6 +102,9 @@ class CamNpzWriter(Writer):
         extra = {}
         if payload.get("bg_threshold") is not None:  # the seed's own background threshold (CoBra)
             extra["bg_threshold"] = np.float32(payload["bg_threshold"])
+        for k in self.DIAGNOSTICS:  # per-image numbers a method reports with its maps (IRN's walk)
+            if payload.get(k) is not None:
+                extra[k] = np.asarray(payload[k], dtype=np.float32)
         atomic_save_npz(self.out / f"{item['image_id']}.npz", cams=cams, keys=keys, **extra)
 
 

@@ -119,12 +119,24 @@ def fuse_seeds(m_cnn: torch.Tensor | None, m_tran: torch.Tensor | None, source: 
     raise ValueError(f"unknown seed source {source!r}")
 
 
-def attention_bg_threshold(a_obj: torch.Tensor, quantile: float, snap: float, lo: float, hi: float) -> torch.Tensor:
+def attention_bg_threshold(a_obj: torch.Tensor, quantile: float, snap: float, lo: float, hi: float,
+                           norm: str = "max") -> torch.Tensor:
     """Supplement Secs. 9.1 / 11: a per-image background threshold from the semantic-agnostic
-    attention map ``a_obj`` (B x H x W, >= 0): the ``quantile`` of the max-normalised map, snapped
-    to a ``snap`` grid and clamped to ``[lo, hi]`` (B,). Uses no ground truth."""
+    attention map ``a_obj`` (B x H x W, >= 0) -- the threshold of IRN's IR labels (conf_bg; conf_fg
+    about 0.5 above it). The supplement weighs the attention map by a factor searched like a
+    conventional threshold; here (as the release) that weight is a ``quantile`` of the map, read on
+    the map's ``norm`` scale: ``max`` (divided by its maximum), ``minmax`` (stretched to [0, 1]) or
+    ``raw`` (the release: the summed attention as it is, whose scale depends on the ViT's depth, token
+    count and number of passes). Snapped to a ``snap`` grid, clamped to ``[lo, hi]``; (B,). Uses no
+    ground truth."""
     a = a_obj.float().flatten(1)
-    a = a / a.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    if norm == "max":
+        a = a / a.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    elif norm == "minmax":
+        lo_a = a.amin(dim=1, keepdim=True)
+        a = (a - lo_a) / (a.amax(dim=1, keepdim=True) - lo_a).clamp_min(1e-12)
+    elif norm != "raw":
+        raise ValueError(f"attention norm must be max, minmax or raw, got {norm!r}")
     t = torch.quantile(a, quantile, dim=1)
     if snap > 0:
         t = torch.round(t / snap) * snap

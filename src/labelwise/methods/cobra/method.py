@@ -218,11 +218,15 @@ class CoBraMethod(Method):
         maps = seed_maps(net, x, scales, flip)
         source = self._source(cfg)
         seed = L.fuse_seeds(maps.get("cnn"), maps.get("vit"), source)
-        if ic.bg_source == "attention" and "a_obj" in maps:
+        # supplement Sec. 9.1: each image's background threshold from the semantic-agnostic attention,
+        # written with the seeds for IRN's IR labels (a CNN-only run has no attention map: none)
+        attn_bg = None
+        if "a_obj" in maps:
             lo, hi = ic.bg_range
-            bg = L.attention_bg_threshold(maps["a_obj"][:, 0], ic.bg_quantile, ic.bg_snap, lo, hi).tolist()
-        else:  # bg_source fixed, or a CNN-only run (no attention map): infer.bg_threshold
-            bg = [ic.bg_threshold] * len(items)
+            attn_bg = L.attention_bg_threshold(maps["a_obj"][:, 0], ic.bg_quantile, ic.bg_snap, lo, hi,
+                                               ic.bg_attention_norm).tolist()
+        # the masks' background: infer.bg_threshold, or (bg_source attention) the attention's per image
+        bg = attn_bg if ic.bg_source == "attention" and attn_bg is not None else [ic.bg_threshold] * len(items)
         present = self._present(maps["logits"], items, cfg).cpu()
         out = []
         for b, item in enumerate(items):
@@ -230,8 +234,9 @@ class CoBraMethod(Method):
             cams = _to_image_size(seed[b, torch.as_tensor(keys - 1, device=seed.device)], item["image"])
             res = {}
             if "seeds" in what:
-                res["seeds"] = {"cams": cams.cpu().numpy().astype(np.float16), "keys": keys,
-                                "bg_threshold": np.float32(bg[b])}
+                res["seeds"] = {"cams": cams.cpu().numpy().astype(np.float16), "keys": keys}
+                if attn_bg is not None:
+                    res["seeds"]["bg_threshold"] = np.float32(attn_bg[b])
             if "masks" in what:
                 H, W = item["image"].shape[:2]
                 if len(keys) == 0:

@@ -3,21 +3,24 @@
 Training (``labelwise train irn --data SPEC --seeds SEED_DIR --out RUN``): per item, in the
 DataLoader, IR labels from the item's seeds (:func:`ir_label`; never from the dataset's
 masks), then random rescale / flip / crop of image and label together, the label reduced
-to stride 4 (nearest, ``label[::4, ::4]`` as the release's ``cv2.resize(fx=0.25)``); the
-losses of :mod:`.losses` on the pairs within ``loss.radius``.
+to stride 4 at the cell centres (``label[2::4, 2::4]``: the release's PIL nearest rescale by
+0.25 samples pixel 4i + 2); the losses of :mod:`.losses` on the pairs within ``loss.radius``.
+Each step logs its IR labels (:func:`ir_label_stats`): the fractions of foreground,
+background and ignored cells, the share of crops without foreground, and the negative
+pairs per crop (the only pairs that teach a boundary).
 
 Inference (``labelwise infer RUN --data SPEC --split S --out PRED --what masks[,seeds]
 [--seeds SEED_DIR]``): boundary map (+ flip), seeds' CAMs area-pooled to the stride-4
-grid, random walk (:func:`labelwise.modeling.irn.random_walk`), upsampled x4 and cropped,
-divided by their maximum over all classes (the release), background channel at
-``infer.sem_seg_bg`` (or the seeds' ``bg_threshold``), argmax -> class indices; optional
-label CRF (``infer.crf``). ``seeds`` writes the walked maps (same normalisation), so
-``evaluate semantic --bg-threshold SEM_SEG_BG`` of them equals the masks without CRF.
+grid, random walk (:func:`labelwise.modeling.irn.random_walk`) of 2^``infer.exp_times``
+steps (null: :func:`walk_exp_times`, the release's reach relative to the grid), upsampled
+x4 and cropped, divided by their maximum over all classes (the release), background
+channel at ``infer.sem_seg_bg`` (``infer.walk_bg``), argmax -> class indices; optional
+label CRF (``infer.crf``). ``seeds`` writes the walked maps (same normalisation) with the
+image's walk length and boundary-map percentiles, so ``evaluate semantic --bg-threshold
+SEM_SEG_BG`` of them equals the masks without CRF.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import torch
@@ -28,42 +31,68 @@ from labelwise.engine.method import Method, PredictContext, StepContext
 from labelwise.errors import LabelwiseError
 from labelwise.methods.irn.config import IRNConfig
 from labelwise.methods.irn.losses import irn_losses
-from labelwise.modeling.irn import IRNet, pair_indices, random_walk, walk_memory_bytes
-
-_CRF_WARNED = False
-
+from labelwise.modeling.irn import IRNet, pair_indices, pair_labels, random_walk, walk_memory_bytes
 
 # --------------------------------------------------------------------------- IR labels
-def seed_thresholds(seeds: dict, cfg) -> tuple[float, float, float | None]:
-    """``(conf_fg, conf_bg, random-walk background level or None)`` for one image's seeds.
+def seed_thresholds(seeds: dict, cfg) -> tuple[float, float]:
+    """``(conf_fg, conf_bg)`` of one image's IR labels.
 
-    ``irn.thresholds = auto`` and a ``bg_threshold`` in the seeds file (CoBra's per-image
-    value from its ViT's semantic-agnostic attention): ``conf_bg = bg_threshold``,
-    ``conf_fg = bg_threshold + irn.fg_gap`` (CoBra supplement Sec. 9.1) and the walk's
-    background level ``bg_threshold``; otherwise the config's numbers (and ``None``: the
-    walk uses ``infer.sem_seg_bg``). Never derived from ground truth.
+    ``irn.thresholds = fixed`` (the release): the config's numbers. ``seeds`` and a
+    ``bg_threshold`` in the seeds file (CoBra's per-image value from its ViT's
+    semantic-agnostic attention): ``conf_bg = bg_threshold``, ``conf_fg = conf_bg + irn.fg_gap``
+    (CoBra supplement Sec. 9.1), with ``conf_fg`` capped at ``irn.max_conf_fg`` and ``conf_bg``
+    kept ``fg_gap`` below it: on max-normalised CAMs a ``conf_fg >= 1`` leaves no confident
+    foreground, and the object would be labelled background. Never derived from ground truth.
     """
     ic = cfg.irn
     bt = seeds.get("bg_threshold")
-    if ic.thresholds == "auto" and bt is not None:
-        bt = float(bt)
-        return bt + ic.fg_gap, bt, bt
-    return ic.conf_fg, ic.conf_bg, None
+    if ic.thresholds == "seeds" and bt is not None:
+        fg = min(float(bt) + ic.fg_gap, ic.max_conf_fg)
+        return fg, min(float(bt), max(fg - ic.fg_gap, 0.0))
+    return ic.conf_fg, ic.conf_bg
 
 
-def _crf_on(requested: bool) -> bool:
-    global _CRF_WARNED
-    if not requested:
+def walk_exp_times(cells: int, cfg) -> int:
+    """The walk length 2^t for a stride-4 grid of ``cells`` nodes: ``infer.exp_times``, or (null)
+    the release's reach relative to the image. The release walks 2^8 steps on VOC's stride-4
+    grids (mean 125 x 94 = ``infer.walk_reference_cells``); a walk's reach grows with the
+    square root of its steps, so the same reach relative to a grid of ``cells`` nodes takes
+    2^8 ``cells / reference`` steps: 2^5 on the 40 x 40 grid of a 160 px image. A walk far
+    longer than the grid flattens every map and the global-max normalisation then claims the
+    whole image (measured: 2^8 steps on 32 x 32 grids, 0.27 mIoU; 2^3, 0.42; seeds 0.40)."""
+    ic = cfg.infer
+    if ic.exp_times is not None:
+        return int(ic.exp_times)
+    t = round(float(np.log2(256.0 * max(cells, 1) / ic.walk_reference_cells)))
+    return int(min(max(t, 0), 16))
+
+
+def require_ir_crf(cfg) -> bool:
+    """IR labels need the dense CRF (``irn.ir_crf``): without it they keep 0.7-70 % of the
+    negative pairs that cross true edges (measured), so training stops instead of warning."""
+    if not cfg.irn.ir_crf:
         return False
     from labelwise.blocks.crf import crf_available
 
-    if crf_available():
-        return True
-    if not _CRF_WARNED:
-        _CRF_WARNED = True
-        warnings.warn("irn: pydensecrf2 is not installed, IR labels are made without the dense CRF "
-                      "(pip install 'labelwise[crf]')", stacklevel=2)
-    return False
+    if not crf_available():
+        raise LabelwiseError("irn: IR labels need the dense CRF but pydensecrf2 is not installed: pip install "
+                             "'labelwise[crf]' (or pydensecrf2), or pass --set irn.ir_crf=false knowingly (weaker "
+                             "boundaries)")
+    return True
+
+
+def ir_label_stats(label: torch.Tensor, index) -> dict[str, torch.Tensor]:
+    """Per-image IR-label statistics of a batch of stride-4 labels ``B x h x w`` (255 = ignore),
+    averaged over the batch: fractions of foreground / background / ignored cells, the share of
+    images with no foreground cell, and negative pairs per image (:func:`pair_labels`). Tensors
+    on the label's device: logging them costs no host sync."""
+    lab = label.reshape(label.shape[0], -1)
+    n = lab.shape[1]
+    fg = ((lab > 0) & (lab != 255)).sum(1).float() / n
+    bg = (lab == 0).sum(1).float() / n
+    _, _, neg = pair_labels(label, index)
+    return {"ir_fg": fg.mean(), "ir_bg": bg.mean(), "ir_ignore": (1.0 - fg - bg).mean(),
+            "ir_no_fg": (fg == 0).float().mean(), "ir_neg_pairs": neg.flatten(1).sum(1).float().mean()}
 
 
 def _label_crf(image: np.ndarray, compact: np.ndarray, n_labels: int, gt_prob: float) -> np.ndarray:
@@ -122,7 +151,7 @@ class _IRNTrainTransform:
 
         self.cfg, self.num_classes = cfg, num_classes
         self.fill = pixel_stats(cfg.model.backbone)[0]
-        self.crf = _crf_on(cfg.irn.ir_crf)
+        self.crf = require_ir_crf(cfg)
 
     def __call__(self, item: dict, rng: np.random.Generator) -> dict:
         from labelwise.data.transforms import TrainTransform
@@ -132,7 +161,7 @@ class _IRNTrainTransform:
             raise LabelwiseError("irn trains on CAM seeds: pass --seeds SEED_DIR (the --out of labelwise infer "
                                  "RUN --what seeds on the training split)")
         _check_keys(seeds["keys"], self.num_classes, item)
-        conf_fg, conf_bg, _ = seed_thresholds(seeds, self.cfg)
+        conf_fg, conf_bg = seed_thresholds(seeds, self.cfg)
         label = ir_label(seeds["cams"], seeds["keys"], item["image"], conf_fg, conf_bg, crf=self.crf,
                          gt_prob=self.cfg.irn.crf_gt_prob)
         g = torch.Generator()
@@ -142,7 +171,8 @@ class _IRNTrainTransform:
         tf = TrainTransform(crop_size=d.crop_size, scale_range=tuple(d.scale_range), flip_p=0.5 if d.flip else 0.0,
                             jitter=(j, j, j, min(j / 4, 0.5)) if j > 0 else None, fill=self.fill, generator=g)
         out = tf({"image": item["image"], "mask": label})
-        lab = out["mask"].as_subclass(torch.Tensor)[::4, ::4].contiguous()  # release: cv2 nearest at 0.25
+        # the release's PIL nearest rescale by 0.25 samples the cell centre 4i + 2 (measured)
+        lab = out["mask"].as_subclass(torch.Tensor)[2::4, 2::4].contiguous()
         return {"image": out["image"].as_subclass(torch.Tensor), "label": lab}
 
 
@@ -199,8 +229,9 @@ class IRNMethod(Method):
         if tuple(label.shape[-2:]) != (h, w):
             raise RuntimeError(f"IR label grid {tuple(label.shape[-2:])} != boundary grid {(h, w)}")
         index = pair_indices(ctx.cfg.loss.radius, h, w, edge.device)
-        return irn_losses(edge, disp, label.long(), index, aff_weight=ctx.cfg.loss.aff_weight,
-                          disp_weight=ctx.cfg.loss.disp_weight)
+        out = irn_losses(edge, disp, label.long(), index, aff_weight=ctx.cfg.loss.aff_weight,
+                         disp_weight=ctx.cfg.loss.disp_weight)
+        return {**out, **ir_label_stats(label.long(), index)}
 
     # ------------------------------------------------------------------ inference
     def inference_transform(self, cfg, info):
@@ -223,11 +254,25 @@ class IRNMethod(Method):
             c = torch.as_tensor(it["seeds"]["cams"], dtype=torch.float32, device=boundary.device)
             if c.shape[0]:
                 cams[b, :c.shape[0]] = F.adaptive_avg_pool2d(c[None], (h, w))[0]  # the stride-4 CAM
+        # the walk length follows each image's own stride-4 grid (not the batch's padding)
+        cells = [(-(-it["image"].shape[0] // 4), -(-it["image"].shape[1] // 4)) for it in items]
+        steps = [walk_exp_times(ch * cw, cfg) for ch, cw in cells]
         chunk = max(1, int(ic.rw_memory_gib * 2 ** 30 // walk_memory_bytes(h * w, ic.rw_mode)))
-        walked = torch.cat([random_walk(cams[i:i + chunk], boundary[i:i + chunk], beta=ic.beta,
-                                        exp_times=ic.exp_times, radius=ic.radius, mode=ic.rw_mode)
-                            for i in range(0, B, chunk)]) if kmax else cams
+        walked = cams
+        if kmax:
+            walked = torch.empty_like(cams)
+            for t in sorted(set(steps)):
+                sel = [b for b in range(B) if steps[b] == t]
+                for i in range(0, len(sel), chunk):
+                    part = sel[i:i + chunk]
+                    walked[part] = random_walk(cams[part], boundary[part], beta=ic.beta, exp_times=t,
+                                               radius=ic.radius, mode=ic.rw_mode)
         up = F.interpolate(walked, scale_factor=4, mode="bilinear", align_corners=False)[..., :H, :W] if kmax else None
+        # per image: the boundary map's 50 / 90 / 99th percentiles inside the image (the walk
+        # needs a peak of about 0.5 to stop at an edge); one transfer per batch
+        q = boundary.new_tensor([0.5, 0.9, 0.99])
+        bq = torch.stack([torch.quantile(boundary[b, :ch, :cw].flatten().float(), q)
+                          for b, (ch, cw) in enumerate(cells)]).cpu().numpy()
         out = []
         for b, it in enumerate(items):
             keys = np.asarray(it["seeds"]["keys"], dtype=np.int64).reshape(-1)
@@ -239,8 +284,8 @@ class IRNMethod(Method):
             else:
                 maps = up[b, :K]
                 maps = maps / maps.max().clamp_min(1e-5)  # the release: one maximum over all classes
-                _, _, bg = seed_thresholds(it["seeds"], cfg)
-                level = ic.sem_seg_bg if bg is None else bg
+                bt = it["seeds"].get("bg_threshold")
+                level = float(bt) if ic.walk_bg == "seeds" and bt is not None else ic.sem_seg_bg
                 idx = torch.cat([maps.new_full((1, H, W), level), maps]).argmax(0).cpu().numpy()
                 mask = np.concatenate([[0], keys]).astype(np.uint8)[idx]
                 if ic.crf:
@@ -248,11 +293,13 @@ class IRNMethod(Method):
 
                     mask = crf_refine_present(it["image"], mask, keys, gt_prob=ic.crf_gt_prob)
             if "seeds" in ctx.what:
-                res["seeds"] = {"cams": maps.cpu().numpy().astype(np.float16), "keys": keys}
+                res["seeds"] = {"cams": maps.cpu().numpy().astype(np.float16), "keys": keys,
+                                "walk_exp_times": steps[b], "boundary_quantiles": bq[b]}
             if "masks" in ctx.what:
                 res["masks"] = mask
             out.append(res)
         return out
 
 
-__all__ = ["IRNMethod", "ir_label", "seed_thresholds", "size_divisor"]
+__all__ = ["IRNMethod", "ir_label", "ir_label_stats", "require_ir_crf", "seed_thresholds", "size_divisor",
+           "walk_exp_times"]
