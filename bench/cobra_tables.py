@@ -91,15 +91,39 @@ def compact(runs: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+IRN_STAGES = [("irn_fuse", "M_fuse"), ("irn_cnn", "M_cnn"), ("irn_vit", "M_tran"), ("irn_mean", "(M_cnn + M_tran)/2"),
+              ("irn_max", "max(M_cnn, M_tran)"), ("irn_fuse_release", "M_fuse, IR labels 0.30 / 0.05")]
+IR_KEYS = ("ir_fg", "ir_bg", "ir_ignore", "ir_no_fg", "ir_neg_pairs")
+
+
+def ir_label_table(folder: str | Path) -> str:
+    """Each IRN stage's IR labels, averaged over its training log (``labelwise train irn`` logs them)."""
+    lines = ["| IRN trained on | fg cells | bg cells | ignored | crops without fg | negative pairs / crop |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for stage, name in IRN_STAGES:
+        log = Path(folder) / stage / "log.jsonl"
+        recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+        recs = [r for r in recs if all(k in r for k in IR_KEYS)]
+        if not recs:
+            lines.append(f"| {name} | not run | - | - | - | - |")
+            continue
+        m = {k: sum(r[k] for r in recs) / len(recs) for k in IR_KEYS}
+        lines.append(f"| {name} | {m['ir_fg']:.3f} | {m['ir_bg']:.3f} | {m['ir_ignore']:.3f} | {m['ir_no_fg']:.2f} | "
+                     f"{m['ir_neg_pairs']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="NAME=FOLDER: labelwise run cobra-ablation outputs, one per testbed seed")
     args = p.parse_args(argv)
-    runs = {}
+    runs, folders = {}, {}
     for a in args.folders:
         name, _, folder = a.rpartition("=") if "=" in a else (a, "", a)
-        runs[name] = collect(folder)
+        runs[name], folders[name] = collect(folder), folder
     out = ["### mIoU of every figure, per testbed seed", "", compact(runs)]
+    for name, folder in folders.items():
+        out += [f"#### IR labels of each IRN, {name} (training-log means)", "", ir_label_table(folder)]
     for name, m in runs.items():
         out += [f"### {name}", "", tables(m)]
     sys.stdout.write("\n".join(out))
