@@ -42,14 +42,9 @@ FIXED = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def rule_threshold(a: torch.Tensor, norm: str, q: float) -> float:
-    """One image's threshold from its attention map ``a`` (H x W) under a candidate rule."""
-    a = a.float().flatten()
-    if norm == "minmax":
-        a = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12)
-    else:
-        a = a / a.max().clamp_min(1e-12)
-    t = float(torch.quantile(a, q))
-    return float(np.clip(round(t / 0.05) * 0.05, 0.05, 0.95))
+    """One image's threshold from its attention map ``a`` (H x W) under a candidate rule: the
+    method's own :func:`attention_bg_threshold`, snapped to 0.05, clamped to [0.05, 0.95]."""
+    return float(L.attention_bg_threshold(a[None], q, 0.05, 0.05, 0.95, norm)[0])
 
 
 def main() -> None:

@@ -471,3 +471,16 @@ def test_irn_masks_beat_the_seeds_they_refine(tmp_path, monkeypatch):
     for level in (0.25, 0.3):
         seed = evaluate("semantic", seeds, spec, "train", bg_threshold=level)["miou"]
         assert irn > seed + 0.1, (level, irn, seed)
+
+
+def test_seeds_thresholds_without_a_threshold_in_the_seeds_say_so(cooc, tmp_path, monkeypatch):
+    """irn.thresholds=seeds on seeds without 'bg_threshold' (any CAM method's) falls back to the
+    config numbers, and says so in one line naming the folder."""
+    from labelwise.engine import api
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    with pytest.warns(UserWarning, match="hold no bg_threshold: IR labels use irn.conf_fg / irn.conf_bg") as rec:
+        api.train("irn", cooc["spec"], tmp_path / "run", preset="cpu", steps=1, seeds=cooc["train"],
+                  overrides=SETS + ["irn.ir_crf=false", "irn.thresholds=seeds"], show_progress=False)
+    msg = next(str(w.message) for w in rec if "bg_threshold" in str(w.message))
+    assert str(cooc["train"]) in msg and "\n" not in msg

@@ -221,7 +221,7 @@ class CoBraMethod(Method):
         # supplement Sec. 9.1: each image's background threshold from the semantic-agnostic attention,
         # written with the seeds for IRN's IR labels (a CNN-only run has no attention map: none)
         attn_bg = None
-        if "a_obj" in maps:
+        if "a_obj" in maps and ("seeds" in what or ic.bg_source == "attention"):
             lo, hi = ic.bg_range
             attn_bg = L.attention_bg_threshold(maps["a_obj"][:, 0], ic.bg_quantile, ic.bg_snap, lo, hi,
                                                ic.bg_attention_norm).tolist()

@@ -59,11 +59,12 @@ def displacement_loss(pair_disp: Tensor, offsets: Tensor, bg_pos: Tensor, fg_pos
 
 
 def irn_losses(edge_logits: Tensor, disp: Tensor, label: Tensor, index: PairIndex, *, aff_weight: float = 1.0,
-               disp_weight: float = 1.0) -> dict[str, Tensor]:
+               disp_weight: float = 1.0, pairs: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """All of IRN's terms for a batch: ``edge_logits`` ``B x 1 x h x w``, ``disp`` ``B x 2 x h x w``,
     ``label`` ``B x h x w`` IR labels on the same grid (255 = ignore). Returns ``loss`` and the
-    four logged terms (``aff_pos``, ``aff_neg``, ``disp_fg``, ``disp_bg``, detached)."""
-    bg_pos, fg_pos, neg = pair_labels(label, index)
+    four logged terms (``aff_pos``, ``aff_neg``, ``disp_fg``, ``disp_bg``, detached). ``pairs``: the
+    ``pair_labels(label, index)`` masks when the caller has them already."""
+    bg_pos, fg_pos, neg = pair_labels(label, index) if pairs is None else pairs
     aff = path_max_affinity(torch.sigmoid(edge_logits.float()), index)  # IRN Eq. 2
     pos, negl = affinity_loss(aff, bg_pos, fg_pos, neg)  # IRN Eq. 5
     dfg, dbg = displacement_loss(pair_displacement(disp.float(), index), index.offsets, bg_pos, fg_pos)  # Eqs. 7-8

@@ -81,16 +81,16 @@ def require_ir_crf(cfg) -> bool:
     return True
 
 
-def ir_label_stats(label: torch.Tensor, index) -> dict[str, torch.Tensor]:
+def ir_label_stats(label: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image IR-label statistics of a batch of stride-4 labels ``B x h x w`` (255 = ignore),
     averaged over the batch: fractions of foreground / background / ignored cells, the share of
-    images with no foreground cell, and negative pairs per image (:func:`pair_labels`). Tensors
-    on the label's device: logging them costs no host sync."""
+    images with no foreground cell, and negative pairs per image (``neg``: the negative-pair mask
+    of :func:`pair_labels`, ``B x ...``). Tensors on the label's device: logging them costs no
+    host sync."""
     lab = label.reshape(label.shape[0], -1)
     n = lab.shape[1]
     fg = ((lab > 0) & (lab != 255)).sum(1).float() / n
     bg = (lab == 0).sum(1).float() / n
-    _, _, neg = pair_labels(label, index)
     return {"ir_fg": fg.mean(), "ir_bg": bg.mean(), "ir_ignore": (1.0 - fg - bg).mean(),
             "ir_no_fg": (fg == 0).float().mean(), "ir_neg_pairs": neg.flatten(1).sum(1).float().mean()}
 
@@ -209,6 +209,11 @@ class IRNMethod(Method):
             raise LabelwiseError(f"config key 'data.crop_size' = {cfg.data.crop_size} must be a multiple of {d} "
                                  "(the backbone's output stride) for IRN's stride-4 pairs")
         ds = self.load_split(cfg, spec, cfg.data.train_split, seeds_dir=seeds_dir)
+        if cfg.irn.thresholds == "seeds" and len(ds) and ds[0]["seeds"].get("bg_threshold") is None:
+            import warnings
+
+            warnings.warn(f"irn.thresholds=seeds but the seeds in {seeds_dir} hold no bg_threshold: IR labels use "
+                          f"irn.conf_fg / irn.conf_bg ({cfg.irn.conf_fg} / {cfg.irn.conf_bg})", stacklevel=2)
         n = cfg.data.crop_size // 4
         pair_indices(cfg.loss.radius, n, n)  # a crop too small for the radius fails here, before training
         return SeededDataset(ds, _IRNTrainTransform(cfg, ds.num_classes))
@@ -229,9 +234,11 @@ class IRNMethod(Method):
         if tuple(label.shape[-2:]) != (h, w):
             raise RuntimeError(f"IR label grid {tuple(label.shape[-2:])} != boundary grid {(h, w)}")
         index = pair_indices(ctx.cfg.loss.radius, h, w, edge.device)
-        out = irn_losses(edge, disp, label.long(), index, aff_weight=ctx.cfg.loss.aff_weight,
-                         disp_weight=ctx.cfg.loss.disp_weight)
-        return {**out, **ir_label_stats(label.long(), index)}
+        label = label.long()
+        pairs = pair_labels(label, index)  # IRN Eq. 4, shared by the losses and the logged statistics
+        out = irn_losses(edge, disp, label, index, aff_weight=ctx.cfg.loss.aff_weight,
+                         disp_weight=ctx.cfg.loss.disp_weight, pairs=pairs)
+        return {**out, **ir_label_stats(label, pairs[2])}
 
     # ------------------------------------------------------------------ inference
     def inference_transform(self, cfg, info):
@@ -268,11 +275,12 @@ class IRNMethod(Method):
                     walked[part] = random_walk(cams[part], boundary[part], beta=ic.beta, exp_times=t,
                                                radius=ic.radius, mode=ic.rw_mode)
         up = F.interpolate(walked, scale_factor=4, mode="bilinear", align_corners=False)[..., :H, :W] if kmax else None
-        # per image: the boundary map's 50 / 90 / 99th percentiles inside the image (the walk
-        # needs a peak of about 0.5 to stop at an edge); one transfer per batch
-        q = boundary.new_tensor([0.5, 0.9, 0.99])
-        bq = torch.stack([torch.quantile(boundary[b, :ch, :cw].flatten().float(), q)
-                          for b, (ch, cw) in enumerate(cells)]).cpu().numpy()
+        # written with the walked seeds, per image: the boundary map's 50 / 90 / 99th percentiles
+        # inside the image (the walk needs a peak of about 0.5 to stop at an edge); one transfer
+        if "seeds" in ctx.what:
+            q = boundary.new_tensor([0.5, 0.9, 0.99])
+            bq = torch.stack([torch.quantile(boundary[b, :ch, :cw].flatten().float(), q)
+                              for b, (ch, cw) in enumerate(cells)]).cpu().numpy()
         out = []
         for b, it in enumerate(items):
             keys = np.asarray(it["seeds"]["keys"], dtype=np.int64).reshape(-1)
