@@ -1,5 +1,6 @@
 """CAM head, multi-scale CAM inference and CAM -> label rules (labelwise.blocks.cam)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -131,3 +132,35 @@ def test_multiscale_cam_grad_flag():
     out = multiscale_cam(conv, img, scales=(1.0, 0.5), grad=True, normalize=False)
     out.sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_multiscale_cam_flip_max_and_min_max_equal_the_release_computation():
+    """ToCo / SeCo's multi_scale_cam: per scale max(cam, flip(cam(flip x))), ReLU, summed over
+    scales, then (c - min) / (max - min + 1e-5) per image and class."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    img = torch.rand(2, 3, 16, 24, generator=g)
+    got = multiscale_cam(conv, img, scales=(1.0, 0.5), flip=True, flip_reduce="max", norm="minmax")
+    ref = torch.zeros(2, 2, 16, 24)
+    with torch.no_grad():
+        for s in (1.0, 0.5):
+            x = img if s == 1.0 else F.interpolate(img, size=(round(16 * s), round(24 * s)), mode="bilinear",
+                                                   align_corners=False)
+            for b in range(2):
+                a = F.interpolate(conv(x[b:b + 1]), size=(16, 24), mode="bilinear", align_corners=False)[0]
+                f = F.interpolate(conv(x[b:b + 1].flip(-1)), size=(16, 24), mode="bilinear",
+                                  align_corners=False)[0].flip(-1)
+                ref[b] += torch.relu(torch.maximum(a, f))
+    for b in range(2):
+        for c in range(2):
+            m = ref[b, c] - ref[b, c].min()
+            ref[b, c] = m / (m.max() + 1e-5)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert float(got.amin(dim=(-2, -1)).max()) == 0.0  # every map's floor is 0 after min-max
+    # the default (flip summed, max-normalised) differs from it and keeps a positive floor
+    summed = multiscale_cam(conv, img, scales=(1.0, 0.5), flip=True)
+    assert not torch.allclose(summed, got, atol=1e-3)
+    with pytest.raises(ValueError, match="flip_reduce"):
+        multiscale_cam(conv, img, flip_reduce="mean")
+    with pytest.raises(ValueError, match="norm"):
+        multiscale_cam(conv, img, norm="softmax")

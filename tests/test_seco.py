@@ -160,6 +160,40 @@ def test_lig_matches_eq4_and_uses_only_the_images_categories():
     assert float(L.lig_loss(q_close, tags, P, seen, allowed, tau)) < float(L.lig_loss(q, tags, P, seen, allowed, tau))
 
 
+def test_lig_batch_reading_gives_single_class_anchors_negatives_the_image_reading_none():
+    """The issue behind ``seco.lig_negatives=batch`` (the default): with P_s = the anchor image's own
+    categories, an anchor from a single-class image has only its positive prototype in the
+    denominator, so Eq. 4 is log 1 = 0 and its gradient vanishes; with P_s = the batch's categories
+    it has the batch's other prototypes as negatives."""
+    from labelwise.methods.seco.config import SeCoConfig
+
+    assert SeCoConfig().seco.lig_negatives == "batch"
+    g = torch.Generator().manual_seed(4)
+    K, D, tau = 4, 8, 0.1
+    P, seen = _unit(K, D, g=g), torch.ones(K, dtype=torch.bool)
+    img_tags = torch.eye(K)  # four single-class images, one per class
+    view_img = torch.arange(K).repeat_interleave(3)  # three foreground patches per image
+    tags = view_img + 1
+    q = _unit(len(tags), D, g=g).requires_grad_(True)
+    image = img_tags[view_img] > 0
+    batch = (img_tags.sum(0) > 0)[None].expand(len(tags), -1)
+    pos, neg = L.lig_pairs(tags, seen, image)
+    assert pos.any(1).all() and not neg.any()
+    loss_image = L.lig_loss(q, tags, P, seen, image, tau)
+    assert float(loss_image.detach()) == pytest.approx(0.0, abs=1e-12)
+    assert float(torch.autograd.grad(loss_image, q)[0].abs().max()) == 0.0
+    pos, neg = L.lig_pairs(tags, seen, batch)
+    assert (neg | pos).all() and (neg.sum(1) == K - 1).all()
+    loss_batch = L.lig_loss(q, tags, P, seen, batch, tau)
+    ref = torch.stack([-(q[i] @ P[tags[i] - 1] / tau - torch.logsumexp(q[i] @ P.t() / tau, 0))
+                       for i in range(len(tags))]).mean()
+    loss_batch, ref = float(loss_batch.detach()), float(ref.detach())
+    assert loss_batch == pytest.approx(ref, rel=1e-6) and loss_batch > 0.5
+    # and it separates the classes: pulling each patch to its prototype lowers it
+    q_close = F.normalize(q.detach() + 3 * P[tags - 1], dim=-1)
+    assert float(L.lig_loss(q_close, tags, P, seen, batch, tau)) < loss_batch
+
+
 # --------------------------------------------------------------------------- Eqs. 6-7 rectification
 def test_rectification_flips_exactly_the_anchors_with_abnormal_positive_similarities():
     g = torch.Generator().manual_seed(4)
@@ -239,12 +273,16 @@ def test_lil_release_form_is_the_released_normalisation():
         n_pos += len(pos)
     got = L.lil_loss(q, tags, cand, cand_tags, None, tau, form="release")
     assert float(got) == pytest.approx(-total / (M * n_pos), rel=1e-6)
-    # at the cpu preset's scale (64 anchors, ~900 candidates) its gradient is ~10x weaker than Eq. 8's
+    # at the cpu preset's scale (64 anchors, ~900 candidates) its gradient is ~10x weaker than Eq. 8's;
+    # beta = 0.5 was chosen with it, so it is the default form
     q = _unit(64, 32, g=g).requires_grad_(True)
     cand, t, ct = _unit(900, 32, g=g), torch.randint(0, 6, (64,), generator=g), torch.randint(-1, 6, (900,), generator=g)
     g_paper, = torch.autograd.grad(L.lil_loss(q, t, cand, ct, None, tau), q)
     g_release, = torch.autograd.grad(L.lil_loss(q, t, cand, ct, None, tau, form="release"), q)
     assert float(g_release.norm()) < float(g_paper.norm()) / 5
+    from labelwise.methods.seco.config import SeCoConfig
+
+    assert SeCoConfig().loss.lil_form == "release" and SeCoConfig().loss.lil == 0.5
 
 
 def test_seg_loss_weighs_background_and_foreground_means_equally():
@@ -283,6 +321,8 @@ def test_seco_trains_every_part_and_resumes_bit_identically(cooc, tmp_path, monk
     ref = api.train(out=tmp_path / "ref", **common)
     log = [json.loads(x) for x in (ref / "log.jsonl").read_text().splitlines()]
     assert {"lig", "lil"} <= set(log[1]) and {"seg", "reg", "rectified"} <= set(log[2])  # bank filled after step 2
+    assert {"lig_anchors", "lig_with_negative"} <= set(log[2])
+    assert all(0.0 <= r["lig_with_negative"] <= 1.0 for r in log if "lig_with_negative" in r)
     assert all(math.isfinite(r["loss"]) for r in log)
     a = load_checkpoint(ref / "checkpoints/last.pt")
     assert int(a["state"]["queue.count"]) > 0 and bool(a["state"]["seen"].any())
@@ -311,6 +351,35 @@ def test_seco_trains_every_part_and_resumes_bit_identically(cooc, tmp_path, monk
         assert z["cams"].shape[1:] == (64, 64) and len(z["keys"]) == z["cams"].shape[0] >= 1
         m = read_label(tmp_path / "masks" / f"{i}.png")
         assert set(np.unique(m).tolist()) <= {0, *z["keys"].tolist()}
+    # the paper's columns: seeds = the single-scale flip-max min-max CAM, masks = the 7-scale one cut at
+    # 0.5 without PAR (the release's tools/infer_cam.py), computed here directly from the model
+    from labelwise.blocks.cam import cam_to_label
+    from labelwise.data import build_dataset
+
+    run = api.load_run(ref, device="cpu")
+    item = build_dataset(f"voc:{cooc}", "val")[0]
+    x = torch.from_numpy(item["image"]).permute(2, 0, 1).float()[None] / 255.0
+    present = torch.as_tensor(np.asarray(item["tags"]) > 0)
+
+    def release_cam(scales):
+        total = 0
+        with torch.no_grad():
+            for s in scales:
+                v = F.interpolate(x, size=(round(64 * s), round(64 * s)), mode="bilinear", align_corners=False)
+                a = F.interpolate(run.model.cams(torch.cat([v, v.flip(-1)]))[0].float(), size=(64, 64),
+                                  mode="bilinear", align_corners=False)
+                total = total + torch.relu(torch.maximum(a[:1], a[1:].flip(-1)))
+        total = total - total.amin(dim=(-2, -1), keepdim=True)
+        return total / (total.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+    z = np.load(tmp_path / "pred" / f"{item['image_id']}.npz")
+    keys = torch.nonzero(present).flatten()
+    assert z["keys"].tolist() == (keys + 1).tolist()
+    assert np.allclose(z["cams"].astype(np.float32), release_cam([1.0])[0, keys].numpy(), atol=2e-3)
+    ms = release_cam([1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0])
+    want = cam_to_label(ms, present[None].float(), 0.5)[0].numpy()
+    got = read_label(tmp_path / "masks" / f"{item['image_id']}.png")
+    assert (got == want).mean() > 0.999
 
 
 def test_rectify_without_lil_is_a_config_error(cooc, tmp_path):

@@ -42,7 +42,7 @@ def main() -> None:
         tags = torch.stack([torch.from_numpy(it["tags"]) for it in items]).float()
         gt = torch.stack([torch.from_numpy(it["mask"].astype(np.int64)) for it in items])
         with torch.no_grad():
-            cams, aux = online_cams(net, x, sc.cam_scales, tags.shape[1])
+            cams, aux = online_cams(net, x, sc.cam_scales, tags.shape[1], sc.cam_flip, sc.cam_norm)
         roi = D.roi_mask(cams if args.cam == "final" else aux, tags, torch.ones(gt.shape, dtype=torch.bool),
                          sc.high, sc.low)
         boxes = D.sample_crop_boxes(roi, sc.n_local, sc.local_size)

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CAMHead", "cam_from_features", "max_norm", "multiscale_cam", "cam_to_label", "cam_seeds"]
+__all__ = ["CAMHead", "cam_from_features", "max_norm", "min_max_norm", "multiscale_cam", "cam_to_label", "cam_seeds",
+           "CAM_NORMS", "FLIP_REDUCTIONS"]
 
 POOLINGS = ("gap", "gmp", "gwrp")
 
@@ -99,19 +100,37 @@ def max_norm(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return x / (x.amax(dim=(-2, -1), keepdim=True) + eps)
 
 
+def min_max_norm(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """ReLU, subtract every (image, class) map's spatial min, divide by the new max; fp32 in [0, 1]
+    (the normalisation of ToCo's and SeCo's released CAMs). A constant map becomes zero."""
+    x = F.relu(cams.float())
+    x = x - x.amin(dim=(-2, -1), keepdim=True)
+    return x / (x.amax(dim=(-2, -1), keepdim=True) + eps)
+
+
+CAM_NORMS = ("max", "minmax")
+FLIP_REDUCTIONS = ("sum", "max")
+
+
 def multiscale_cam(forward_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                    scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), flip: bool = True,
                    out_size: tuple[int, int] | None = None, normalize: bool = True,
-                   grad: bool = False) -> torch.Tensor:
+                   grad: bool = False, flip_reduce: str = "sum", norm: str = "max") -> torch.Tensor:
     """Multi-scale (+ flip) CAM inference, batched: one ``forward_fn`` call per scale.
 
     ``forward_fn(images (B', 3, h, w)) -> raw CAMs (B', C, h', w')``. For every scale the
     batch (and its horizontal flip, concatenated along the batch) is resized bilinearly,
     the CAMs are ReLU'd, resized to ``out_size`` (default: the input size), un-flipped and
-    summed in fp32. With ``normalize`` each class map is max-normalised to [0, 1].
+    summed with their flip (``flip_reduce="sum"``; ``"max"``: resized, max with the flip, then
+    ReLU'd, in the order of ToCo's and SeCo's releases), then summed over scales in fp32. With ``normalize`` each class map is brought to [0, 1]
+    (``norm``: ``max`` divides by the map's max, ``minmax`` subtracts its min first as ToCo / SeCo).
     Method presets: SeCo (1.0, 0.5, 0.75, 1.5); CoBra 0.5..2.0 in steps of 0.25.
     Runs under ``torch.no_grad()`` unless ``grad=True``.
     """
+    if flip_reduce not in FLIP_REDUCTIONS:
+        raise ValueError(f"flip_reduce must be one of {FLIP_REDUCTIONS}, got {flip_reduce!r}")
+    if norm not in CAM_NORMS:
+        raise ValueError(f"norm must be one of {CAM_NORMS}, got {norm!r}")
     B, _, H, W = images.shape
     out_size = (H, W) if out_size is None else tuple(out_size)
     total = None
@@ -123,14 +142,20 @@ def multiscale_cam(forward_fn: Callable[[torch.Tensor], torch.Tensor], images: t
                 x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
-            cams = F.relu(forward_fn(x).float())
-            cams = F.interpolate(cams, size=out_size, mode="bilinear", align_corners=False)
-            if flip:
-                cams = cams[:B] + cams[B:].flip(-1)
+            cams = forward_fn(x).float()
+            if flip_reduce == "sum":
+                cams = F.interpolate(F.relu(cams), size=out_size, mode="bilinear", align_corners=False)
+                if flip:
+                    cams = cams[:B] + cams[B:].flip(-1)
+            else:  # the release's order: resize the raw maps, max with the flip, then ReLU
+                cams = F.interpolate(cams, size=out_size, mode="bilinear", align_corners=False)
+                cams = F.relu(torch.maximum(cams[:B], cams[B:].flip(-1)) if flip else cams)
             total = cams if total is None else total + cams
     if total is None:
         raise ValueError("multiscale_cam needs at least one scale")
-    return max_norm(total) if normalize else total
+    if not normalize:
+        return total
+    return max_norm(total) if norm == "max" else min_max_norm(total)
 
 
 def _present_scores(cams: torch.Tensor, tags: torch.Tensor | None, keys: torch.Tensor | None):

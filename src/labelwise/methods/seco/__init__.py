@@ -55,8 +55,19 @@ Where the paper is silent or differs from the authors' release (``method-notes.m
   symmetric one. Rectified tags become -1 (Eq. 7; the release sets 0);
 * Eq. 3 weights multi-class images by the softmax of their similarity to the prototypes and
   single-class images by 1 (``seco.proto_update=single``: single-class images only, as released);
-* Eq. 4's negatives are the anchor image's categories (``seco.lig_negatives=batch``: every
-  category of the batch, as released);
+* Eq. 4's P_s, "the knowledge with the appeared categories", is every category that appears in
+  the batch (``seco.lig_negatives=batch``, as released). The narrower reading, the anchor image's
+  own categories (``image``), leaves a patch of a single-class image without a negative (its term
+  is log 1 = 0): measured, 0-3 of 64 anchors per batch had one. The log's ``lig_with_negative``
+  is that share;
+* Eq. 8 is normalised as released (``loss.lil_form=release``: 1/(anchors x N+), log-denominator
+  once per candidate), the setting with which beta = 0.5 was chosen; Eq. 8 to the letter
+  (``paper``: 1/N_l^+) pushes the encoder 7-20x harder at the same beta
+  (``bench/seco_loss_strength.py``);
+* online CAMs (tags, pseudo labels) and inference CAMs combine an image with its flip by max and
+  normalise min-max, as released (``seco.cam_flip`` / ``seco.cam_norm``, ``infer.cam_flip`` /
+  ``infer.cam_norm``). ``--what seeds`` is the paper's CAM column (single scale), ``--what masks``
+  its Mask column (7 scales, cut at ``infer.bg_threshold``, no PAR; ``infer.mask_refine=par``);
 * the CRF energy regulariser is computed exactly (dense Gaussian kernel) at ``loss.reg_scale``
   of the input instead of the release's compiled permutohedral lattice at 0.5;
 * classification: global max pooling of the token features, then a bias-free 1x1 conv (release).

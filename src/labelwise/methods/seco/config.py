@@ -44,9 +44,11 @@ class SeCoLossConfig:
                             "pixels x spatial kernel mass; 2.66 = the release's 0.05 x 1e-7 at its 224 x 224 grid")
     tau_lig: float = param(0.1, range=(1e-4, None), help="tau_g of Eq. 4")
     tau_lil: float = param(0.08, range=(1e-4, None), help="tau_l of Eq. 8")
-    lil_form: str = param("paper", choices=("paper", "release"),
-                          help="normalisation of L_LiL: Eq. 8 (1/N_l^+ over positive pairs) or the release's "
-                               "(1/(anchors x N+), log-denominator once per candidate: far weaker at equal beta)")
+    lil_form: str = param("release", choices=("paper", "release"),
+                          help="normalisation of L_LiL: the release's (1/(anchors x N+), log-denominator once per "
+                               "candidate), with which beta 0.5 was chosen and the published numbers made, or Eq. 8 "
+                               "to the letter (1/N_l^+ over positive pairs: 7-20x stronger at equal beta; "
+                               "bench/seco_loss_strength.md)")
     reg_sigma_rgb: float = param(15.0, range=(1e-3, None), help="energy kernel colour sigma (0..255 units)")
     reg_sigma_xy: float = param(100.0, range=(1e-3, None), help="energy kernel spatial sigma (input pixels)")
     reg_scale: float = param(0.25, range=(0.01, 1.0),
@@ -79,11 +81,16 @@ class SeCoMethodConfig:
     proto_update: str = param("adaptive", choices=("adaptive", "single"),
                               help="Eq. 3: adaptive = multi-class images with softmax-similarity weights W_l and "
                                    "single-class images with W = 1; single = single-class images only (release)")
-    lig_negatives: str = param("image", choices=("image", "batch"),
-                               help="prototypes in the denominator of Eq. 4: the anchor image's categories "
-                                    "(co-categories, paper) or every category in the batch (release)")
+    lig_negatives: str = param("batch", choices=("image", "batch"),
+                               help="prototypes P_s in the denominator of Eq. 4: every category that appears in the "
+                                    "batch (release) or only the anchor image's own categories, which leaves an "
+                                    "anchor of a single-class image no negative (loss log 1 = 0)")
     cam_scales: list[float] = param([1.0, 0.5, 0.75, 1.5], range=(0.05, 8.0),
                                     help="scales of the online CAMs that give pseudo labels and tags (+ flip)")
+    cam_flip: str = param("max", choices=("sum", "max"),
+                          help="how the online CAMs combine an image with its flip (release: max)")
+    cam_norm: str = param("minmax", choices=("max", "minmax"),
+                          help="normalisation of the online CAMs per class (release: min-max)")
     roi_switch: int = param(10000, range=(0, None), help="step from which crops and tags come from the final CAM "
                                                          "instead of the auxiliary one (release: 10000)")
     bg_threshold: float = param(0.5, range=(0.0, 1.0), help="background threshold of the CAM")
@@ -102,15 +109,29 @@ class SeCoMethodConfig:
 
 @dataclass
 class SeCoInferConfig(InferConfig):
-    cam_scales: list[float] = param([1.0, 0.5, 0.75, 1.5], range=(0.05, 8.0), help="CAM seed scales (+ flip)")
+    """Defaults are the paper's columns as the release computes them (``tools/infer_cam.py``):
+    ``seeds`` = the CAM column (single scale, flip-max, min-max normalised), ``masks`` = the Mask
+    column (the same CAM over 7 scales, no PAR), both cut at ``bg_threshold``."""
+
+    cam_scales: list[float] = param([1.0], range=(0.05, 8.0),
+                                    help="scales of the CAM seeds (+ flip); the paper's CAM column is single-scale")
+    mask_scales: list[float] = param([1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0], range=(0.05, 8.0),
+                                     help="scales of the CAM behind the masks (+ flip); the paper's Mask column is "
+                                          "this 7-scale CAM")
+    cam_flip: str = param("max", choices=("sum", "max"), help="how seeds and masks combine an image with its flip")
+    cam_norm: str = param("minmax", choices=("max", "minmax"), help="per-class normalisation of seeds and masks")
+    mask_refine: str = param("none", choices=("none", "par"),
+                             help="masks: the multi-scale CAM cut at bg_threshold (none, the paper's Mask column) "
+                                  "or refined by PAR against it (par)")
     seg_scales: list[float] = param([1.0, 1.25, 1.5], range=(0.05, 8.0), help="segmentation scales (+ flip)")
     size: int = param(0, range=(0, None), help="resize inputs to size x size first (0 = the training crop size)")
     bg_threshold: float = param(0.5, range=(0.0, 1.0), help="background threshold of seeds and masks")
     crf: bool = param(False, help="dense CRF on the segmentation (the paper's val numbers use it)")
 
     def validate(self) -> None:
-        if not self.cam_scales or not self.seg_scales:
-            raise LabelwiseError("config keys 'infer.cam_scales' and 'infer.seg_scales' need at least one scale")
+        for key in ("cam_scales", "mask_scales", "seg_scales"):
+            if not getattr(self, key):
+                raise LabelwiseError(f"config key 'infer.{key}' is empty; give at least one scale, e.g. [1.0]")
 
 
 @dataclass

@@ -7,7 +7,8 @@ symbol                 paper
                        the CAM thresholds: > high class, <= low background, between uncertain
 ``ptc_loss``           ToCo's patch token contrast (Ru et al. 2023), SeCo Sec. 3.6 regulariser
 ``update_prototypes``  SeCo Eq. 3 (adaptive, similarity-weighted prototype update)
-``lig_loss``           SeCo Eq. 4 (L_LiG: patches vs category prototypes, co-categories as negatives)
+``lig_loss``           SeCo Eq. 4 (L_LiG: patches vs category prototypes, co-categories as negatives;
+                       ``lig_pairs`` gives its positive and negative pairs)
 ``rectify_tags``       SeCo Eqs. 6-7 (similarity-based rectification of noisy tags)
 ``lil_loss``           SeCo Eq. 8 (L_LiL: tag-guided contrast against the reservoir)
 ``seg_loss``           L_seg (Sec. 3.6): cross-entropy on the refined pseudo labels, background and
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 from labelwise.blocks.contrastive import masked_info_nce
 
-__all__ = ["token_labels", "ptc_loss", "update_prototypes", "lig_loss", "rectify_tags", "lil_loss", "seg_loss",
-           "IGNORE"]
+__all__ = ["token_labels", "ptc_loss", "update_prototypes", "lig_pairs", "lig_loss", "rectify_tags", "lil_loss",
+           "seg_loss", "IGNORE"]
 
 IGNORE = 255
 
@@ -107,19 +108,29 @@ def update_prototypes(prototypes: torch.Tensor, seen: torch.Tensor, tokens: torc
     seen.logical_or_(upd)
 
 
+def lig_pairs(tags: torch.Tensor, seen: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and negative (anchor, prototype) pairs of Eq. 4, each M x K bool: an anchor is a
+    foreground-tagged patch whose class prototype has been seen; its negatives are the seen
+    prototypes ``allowed`` in its P_s other than its own class."""
+    K = seen.shape[0]
+    fg = tags > 0
+    pos = F.one_hot((tags - 1).clamp(min=0), K).bool() & fg[:, None] & seen[None]
+    neg = allowed & seen[None] & ~pos
+    return pos, neg
+
+
 def lig_loss(q: torch.Tensor, tags: torch.Tensor, prototypes: torch.Tensor, seen: torch.Tensor,
-             allowed: torch.Tensor, tau: float) -> torch.Tensor:
+             allowed: torch.Tensor, tau: float,
+             pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """SeCo Eq. 4: ``-(1/N_g^+) sum_i log exp(q_i.P_l+ / tau) / sum_{P_l in P_s} exp(q_i.P_l / tau)``.
 
     ``q`` M x D unit patch embeddings, ``tags`` M (1..K foreground class, 0 background, -1 uncertain:
     only foreground-tagged patches are anchors), ``prototypes`` K x D (detached), ``seen`` K bool,
-    ``allowed`` M x K bool: the prototypes P_s of each anchor's denominator (the categories of its
-    image: "only the co-categories are viewed as negative pairs"). Unseen prototypes take no part.
+    ``allowed`` M x K bool: the prototypes P_s of each anchor's denominator, "the knowledge with the
+    appeared categories" (``seco.lig_negatives``: those of the batch, or of the anchor's image).
+    Unseen prototypes take no part. ``pairs``: :func:`lig_pairs` if already computed.
     """
-    K = prototypes.shape[0]
-    fg = tags > 0
-    pos = F.one_hot((tags - 1).clamp(min=0), K).bool() & fg[:, None] & seen[None]
-    neg = allowed & seen[None] & ~pos
+    pos, neg = lig_pairs(tags, seen, allowed) if pairs is None else pairs
     return masked_info_nce(q, prototypes.detach(), pos, neg, tau, reduction="pair_mean")
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from labelwise import dist
-from labelwise.blocks.cam import multiscale_cam
+from labelwise.blocks.cam import cam_to_label, multiscale_cam
 from labelwise.blocks.memory_bank import FIFOQueue
 from labelwise.engine.data import SeededDataset
 from labelwise.engine.method import Method, PredictContext, StepContext, val_shard
@@ -79,11 +79,13 @@ class _InferTransform:
         return {**item, "input": F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]}
 
 
-def online_cams(net: SeCoNet, x: torch.Tensor, scales, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final and auxiliary CAMs of ``x`` at image size: multi-scale + flip, ReLU'd, summed, max-normalised
-    per class (no grad). One forward per scale serves both heads."""
+def online_cams(net: SeCoNet, x: torch.Tensor, scales, K: int, flip_reduce: str = "max",
+                norm: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Final and auxiliary CAMs of ``x`` at image size: multi-scale + flip, ReLU'd, summed over scales,
+    normalised per class (no grad; the release's flip-max and min-max by default). One forward per
+    scale serves both heads."""
     both = multiscale_cam(lambda v: torch.cat(net.cams(v), dim=1), x, scales=list(scales), flip=True,
-                          out_size=tuple(x.shape[-2:]))
+                          out_size=tuple(x.shape[-2:]), flip_reduce=flip_reduce, norm=norm)
     return both[:, :K], both[:, K:]
 
 
@@ -143,7 +145,7 @@ class SeCoMethod(Method):
         segment = ctx.step >= lc.stage_seg
 
         with torch.no_grad():  # online pseudo supervision from the current model
-            cams, cams_aux = online_cams(net, x, sc.cam_scales, K)
+            cams, cams_aux = online_cams(net, x, sc.cam_scales, K, sc.cam_flip, sc.cam_norm)
         views = view_tags = view_img = None
         if contrast:  # SeCo Sec. 3.3: decompose the image into tagged patches
             roi = D.roi_mask(cams if ctx.step >= sc.roi_switch else cams_aux, tags, valid, sc.high, sc.low)
@@ -186,14 +188,19 @@ class SeCoMethod(Method):
                 total = total + lc.lil * lil
                 logs["lil"] = lil.detach()
                 self._keys = (k, t)
-            if sc.lig:  # Eq. 4 with the image's categories as P_s
+            if sc.lig:  # Eq. 4; P_s = the categories that appear in the batch, or in the anchor's image
                 if sc.lig_negatives == "image":
                     allowed = tags[view_img] > 0
                 else:
                     allowed = (tags.sum(0) > 0)[None].expand(len(q), -1)
-                lig = L.lig_loss(q, t, state.prototypes, state.seen, allowed, lc.tau_lig)
+                pos, neg = L.lig_pairs(t, state.seen, allowed)
+                lig = L.lig_loss(q, t, state.prototypes, state.seen, allowed, lc.tau_lig, pairs=(pos, neg))
                 total = total + lc.lig * lig
-                logs["lig"] = lig.detach()
+                anchors = pos.any(1)
+                # an anchor without a negative prototype contributes log 1 = 0: the share that has one
+                # says how much of L_LiG acts (issue: the image reading leaves most anchors without)
+                logs.update(lig=lig.detach(), lig_anchors=anchors.float().sum(),
+                            lig_with_negative=(anchors & neg.any(1)).float().sum() / anchors.sum().clamp(min=1))
         if segment:  # L_seg on PAR-refined pseudo labels + the dense CRF energy regulariser
             from labelwise.blocks.energy import dense_crf_loss, energy_gate, spatial_kernel_mass
 
@@ -267,14 +274,22 @@ class SeCoMethod(Method):
         K = ctx.info.num_foreground
         res: list[dict] = [{} for _ in items]
         if "seeds" in ctx.what or "masks" in ctx.what:
-            cams = multiscale_cam(lambda v: model.cams(v)[0], x, scales=list(ic.cam_scales), flip=True,
-                                  out_size=tuple(x.shape[-2:]))
-            present = self._present(model, x, items, K)
-            if "masks" in ctx.what:  # seeds refined by PAR against the background threshold
-                from labelwise.blocks.par import PAR, refine_cams_with_background
+            def cam_at(scales):  # the release's tools/infer_cam.py: flip-max, summed over scales, min-max
+                return multiscale_cam(lambda v: model.cams(v)[0], x, scales=list(scales), flip=True,
+                                      out_size=tuple(x.shape[-2:]), flip_reduce=ic.cam_flip, norm=ic.cam_norm)
 
-                masks = refine_cams_with_background(PAR(num_iter=cfg.seco.par_iters), x, cams, present.float(),
-                                                    bg_score=ic.bg_threshold)
+            present = self._present(model, x, items, K)
+            if "seeds" in ctx.what:  # Table 1 / 2 "CAM": single-scale by default
+                cams = cam_at(ic.cam_scales)
+            if "masks" in ctx.what:  # Table 1 "Mask": the 7-scale CAM cut at the background threshold
+                ms_cams = cam_at(ic.mask_scales)
+                if ic.mask_refine == "par":
+                    from labelwise.blocks.par import PAR, refine_cams_with_background
+
+                    masks = refine_cams_with_background(PAR(num_iter=cfg.seco.par_iters), x, ms_cams,
+                                                        present.float(), bg_score=ic.bg_threshold)
+                else:
+                    masks = cam_to_label(ms_cams, present.float(), ic.bg_threshold)
             for b, item in enumerate(items):
                 keys = (torch.nonzero(present[b]).flatten() + 1).cpu().numpy().astype(np.int64)
                 if "seeds" in ctx.what:
