@@ -10,4 +10,5 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# LABELWISE_TEST_THREADS: fewer threads when something else runs on the same cores
+torch.set_num_threads(int(os.environ.get("LABELWISE_TEST_THREADS", min(2, os.cpu_count() or 1))))

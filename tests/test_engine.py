@@ -183,7 +183,7 @@ class _ToyEMAMethod(toy_method.ToyMethod):
 
         return momentum_schedule("cosine", base=0.5, final=1.0, total_steps=max_steps)(step)
 
-    def inference_model(self, model, teacher, state):
+    def inference_model(self, model, teacher, state, cfg=None):
         return teacher.module  # infer with the teacher (as SeCo/OAP do)
 
 

@@ -63,13 +63,14 @@ def test_train_transform_boxes_inside_global_view():
     assert torch.all(area > 0.03) and torch.all(area < 0.5)
 
 
-def test_one_training_step_on_two_images():
+@pytest.mark.parametrize("student_global", [False, True])
+def test_one_training_step_on_two_images(student_global):
     from labelwise.blocks.ema import EMATeacher
     from labelwise.engine.method import StepContext
     from labelwise.methods.oap.method import OAPMethod, _TrainTransform
 
     torch.manual_seed(0)
-    cfg = _cfg()
+    cfg = _cfg(oap={"student_global": student_global})
     method = OAPMethod()
     model = method.build_model(cfg, None, pretrained=False)
     state = method.build_state(cfg, None)
@@ -83,6 +84,9 @@ def test_one_training_step_on_two_images():
     loss = out["loss"]
     assert torch.isfinite(loss) and loss.item() > 0
     assert out["pairs"].item() > 0 and math.isfinite(out["distill"].item())
+    if student_global:  # the global views add their own matched pairs to the local views' (same crops, same step)
+        local_only = method.training_step(model, batch, StepContext(**{**ctx.__dict__, "cfg": _cfg()}))
+        assert out["pairs"].item() > local_only["pairs"].item()
     loss.backward()
     method.after_backward(model, ctx)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -135,6 +139,15 @@ def test_tiny_run_trains_resumes_bit_identically_and_predicts(tmp_path, monkeypa
     assert res and {r["level"] for r in res} <= {"instance", "semantic"}
     assert all(1 <= r["category_id"] <= 64 and 0 <= r["score"] <= 1 for r in res)
     assert len(list((out / "clusters").glob("*.png"))) == 2
+    # infer.model: the final EMA teacher by default (the paper), the student's own weights on request
+    teacher = api.load_run(ref, device="cpu")
+    student = api.load_run(ref, device="cpu", overrides=["infer.model=student"])
+    for k, v in student.model.state_dict().items():
+        assert torch.equal(v, a["model"][k]), k
+    assert any(not torch.equal(v, a["model"][k]) for k, v in teacher.model.state_dict().items())
+    stu = api.infer(ref, spec, "val", tmp_path / "stu", what="universal", overrides=["infer.model=student"],
+                    show_progress=False)
+    assert json.loads((stu / "universal.json").read_text()) != res
     # the raw OAP pseudo-masks of the initial teacher (the recipe's baseline), clustered by k-means
     raw = api.infer(ref, spec, "val", tmp_path / "raw", what="pseudo", overrides=["infer.teacher=initial"],
                     show_progress=False)
@@ -269,8 +282,10 @@ def test_recipe_compares_raw_pseudo_masks_with_the_trained_model(tmp_path, monke
                                 "infer.size=96]"])
     rows = {r["stage"]: r for r in res["table"]}
     assert {"raw_agnostic", "raw_hungarian", "raw_semantic", "raw_panoptic", "trained_agnostic",
-            "trained_hungarian", "trained_semantic", "trained_panoptic", "final_agnostic", "final_semantic",
-            "control_agnostic", "control_semantic"} == set(rows)
+            "trained_hungarian", "trained_semantic", "trained_panoptic", "student_agnostic", "student_hungarian",
+            "student_semantic", "student_panoptic", "final_agnostic", "final_semantic", "control_agnostic",
+            "control_semantic", "control_panoptic", "control_student_agnostic", "control_student_semantic",
+            "control_student_panoptic"} == set(rows)
     assert all(0.0 <= rows[k]["ar100"] <= 1.0 for k in ("raw_agnostic", "trained_agnostic", "final_agnostic"))
     assert all(0.0 <= rows[k]["miou"] <= 1.0 for k in ("raw_semantic", "trained_semantic", "final_semantic"))
     assert 0.0 <= rows["trained_panoptic"]["pq"] <= 1.0
@@ -278,7 +293,8 @@ def test_recipe_compares_raw_pseudo_masks_with_the_trained_model(tmp_path, monke
 
 def test_ground_truth_targets_control_replaces_oap_masks_in_the_teacher_frame():
     """oap.targets=ground_truth (a diagnostic control): the dataset's masks of the global view, mirrored
-    like the view and pooled to the key grid, replace OAP's; the Eq. 6 teacher codes are still made."""
+    like the view, replace OAP's at the view's resolution; the Eq. 6 teacher codes are still made, from
+    the masks pooled to the key grid (the same codes as from key-grid masks)."""
     from labelwise.methods.oap.method import OAPMethod, _ground_truth_maps, _ground_truth_masks
     from labelwise.methods.oap.model import teacher_targets
 
@@ -298,7 +314,11 @@ def test_ground_truth_targets_control_replaces_oap_masks_in_the_teacher_frame():
     teacher = method.build_model(cfg, None, pretrained=False).eval()
     tg = teacher_targets(teacher, torch.rand(1, 3, 32, 32), method.pooling(cfg), given=[(masks, level)])[0]
     h = 32 // cfg.model.key_stride
-    ref = torch.nn.functional.adaptive_avg_pool2d(masks[None].float(), (h, h))[0] > 0.5
-    assert torch.equal(tg.masks, ref) and tg.logits.shape == (3, cfg.model.out_dim)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(masks[None].float(), (h, h))[0] > 0.5
+    assert torch.equal(tg.masks, masks) and tg.logits.shape == (3, cfg.model.out_dim)
+    x = torch.rand(1, 3, 32, 32)
+    a = teacher_targets(teacher, x, method.pooling(cfg), given=[(masks, level)])[0]
+    b = teacher_targets(teacher, x, method.pooling(cfg), given=[(pooled, level)])[0]
+    assert torch.allclose(a.logits, b.logits)
     with pytest.raises(Exception, match="targets=ground_truth needs"):
         _ground_truth_maps({"image": img, "mask": None}, (0, 0, 64, 64), 32, flip=False)

@@ -1,5 +1,6 @@
 """Query-wise self-distillation (OAP Eq. 1 / 7, DINO centring) and cropped bipartite matching."""
 
+import pytest
 import torch
 
 from labelwise.blocks.matching import crop_masks_to_view, match_per_level
@@ -75,3 +76,13 @@ def test_matching_recovers_the_student_masks_within_each_level():
     q_level2 = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1])
     qi2, ti2 = match_per_level(logits, q_level2, targets, t_level)
     assert set(ti2.tolist()) == {3, 4, 5}
+
+
+def test_match_per_level_refuses_predictions_and_targets_on_different_grids():
+    """Point sampling indexes predictions and targets with the same flat indices: on different grids
+    it would pair unrelated pixels, so the matcher stops with one line naming both sizes."""
+    logits = torch.randn(4, 40, 40)
+    targets = torch.rand(3, 160, 160)
+    lv = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(40, 40\).*\(160, 160\)"):
+        match_per_level(logits, lv, targets, torch.zeros(3, dtype=torch.long), num_points=100)

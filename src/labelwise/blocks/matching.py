@@ -110,6 +110,12 @@ def match_per_level(pred_logits: "torch.Tensor", pred_level: "torch.Tensor", tar
 
     from labelwise.blocks.mask_losses import batch_dice_cost
 
+    if pred_logits.shape[1:] != target_masks.shape[1:]:
+        # the point sampling below indexes both with the same flat indices: different grids would
+        # silently pair unrelated pixels
+        raise ValueError(f"match_per_level: predictions {tuple(pred_logits.shape[1:])} and targets "
+                         f"{tuple(target_masks.shape[1:])} must share a mask size; resample the targets to the "
+                         "predictions' (h, w) first (crop_masks_to_view does)")
     p = pred_logits.flatten(1).float()
     t = target_masks.flatten(1).float()
     if num_points is not None and num_points < p.shape[1]:

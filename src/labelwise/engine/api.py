@@ -210,8 +210,10 @@ class LoadedRun:
     run_dir: Path
 
 
-def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path | None = None) -> LoadedRun:
-    """Load a trained run for inference.
+def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path | None = None,
+             overrides: Iterable[str] = ()) -> LoadedRun:
+    """Load a trained run for inference, with ``overrides`` (``infer.key=value``) applied to its
+    saved config (they may choose the module inference uses, e.g. OAP's ``infer.model``).
 
     Every weight comes from the checkpoint: the model is built with ``pretrained=False``, so
     the run works on a machine (or from a folder) without the pretrained-weights file it was
@@ -230,7 +232,7 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path |
         raise LabelwiseError(f"run folder {run_dir} does not exist; pass the --out folder of 'labelwise train'")
     run = read_run(run_dir)
     method = get_method(run["method"])
-    cfg = load_config(method.config_cls, run_dir / "config.yaml")
+    cfg = _with_infer_overrides(method, load_config(method.config_cls, run_dir / "config.yaml"), overrides, run_dir)
     info = load_info(run_dir)
     path = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(path)
@@ -248,8 +250,22 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path |
 
         teacher = EMATeacher(method.ema_module(model))
         load_module_state(teacher, ckpt["ema"], path, "EMA teacher")
-    model = method.inference_model(model, teacher, state).to(dev).eval()
+    model = method.inference_model(model, teacher, state, cfg).to(dev).eval()
     return LoadedRun(method=method, cfg=cfg, info=info, model=model, state=state, run_dir=run_dir)
+
+
+def _with_infer_overrides(method, cfg, overrides: Iterable[str], run_dir: str | Path):
+    """``cfg`` with ``infer.*`` overrides applied; any other key is an error naming the config file."""
+    overrides = list(overrides)
+    if not overrides:
+        return cfg
+    from labelwise.config import apply_overrides, parse_overrides
+
+    for key, _ in parse_overrides(overrides):
+        if not key.startswith("infer."):
+            raise LabelwiseError(f"--set {key}: only infer.* settings can change at inference; the rest "
+                                 f"comes from {Path(run_dir) / 'config.yaml'}")
+    return from_dict(method.config_cls, apply_overrides(to_dict(cfg), overrides, method.config_cls), source="--set")
 
 
 def parse_what(what: str | Iterable[str] | None, method) -> tuple[str, ...]:
@@ -296,18 +312,8 @@ def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str
     from labelwise.engine.predict import run_predict
 
     dist.init_distributed()
-    loaded = load_run(run_dir, device=device, checkpoint=checkpoint)
+    loaded = load_run(run_dir, device=device, checkpoint=checkpoint, overrides=overrides)
     method, cfg, info = loaded.method, loaded.cfg, loaded.info
-    overrides = list(overrides)
-    if overrides:
-        from labelwise.config import apply_overrides, parse_overrides
-
-        for key, _ in parse_overrides(overrides):
-            if not key.startswith("infer."):
-                raise LabelwiseError(f"--set {key}: only infer.* settings can change at inference; the rest "
-                                     f"comes from {Path(run_dir) / 'config.yaml'}")
-        cfg = from_dict(method.config_cls, apply_overrides(to_dict(cfg), overrides, method.config_cls),
-                        source="--set")
     whats = parse_what(what, method)
     ds = build_dataset(normalise_spec(data), split)
     if ds.num_classes > 1 and ds.num_classes != info.num_classes:  # a plain folder has no class list

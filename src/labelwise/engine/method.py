@@ -50,7 +50,8 @@ Inference (``labelwise infer RUN --what a,b``; :mod:`labelwise.engine.predict`):
   are batched.
 * ``predict(model, batch, ctx)``: one ``{what: payload}`` dict per item for every ``what``
   in ``ctx.what``, computed in one pass (seeds and masks share their CAMs).
-* ``inference_model(model, teacher, state)``: the module ``predict`` receives.
+* ``inference_model(model, teacher, state, cfg)``: the module ``predict`` receives (``cfg`` with the
+  call's ``infer.*`` overrides).
 * ``needs_seeds``: ``predict`` reads ``item["seeds"]`` (a refiner such as ``irn``); the
   engine adds them from ``infer --seeds SEED_DIR`` (default: the run's training seeds when
   the split is its training split).
@@ -231,7 +232,8 @@ class Method:
         return None
 
     # ------------------------------------------------------------------ inference
-    def inference_model(self, model: nn.Module, teacher: nn.Module | None, state: nn.Module | None) -> nn.Module:
+    def inference_model(self, model: nn.Module, teacher: nn.Module | None, state: nn.Module | None,
+                        cfg=None) -> nn.Module:
         return model
 
     def inference_transform(self, cfg, info) -> Callable[[dict], dict]:

@@ -91,6 +91,9 @@ class OAPMethodConfig:
     local_scale: list[float] = param([0.05, 0.4], range=(0.01, 1.0),
                                      help="area range of the local crops, relative to the global view (OAP: 0.05-0.4)")
     n_local: int = param(2, range=(1, None), help="local views per image")
+    student_global: bool = param(False, help="the student also sees the teacher's global view (DINO's multi-crop, "
+                                             "whose student sees global and local views) and matches its uncropped "
+                                             "masks; the paper's student sees the local views only")
     teacher_momentum: float = param(0.996, range=(0.0, 1.0), help="EMA momentum at step 0 (cosine to 1.0)")
     momentum_schedule: str = param("cosine", choices=("cosine", "constant"), help="teacher momentum schedule")
     levels: list[str] = param(["semantic", "instance"], choices=("semantic", "instance"),
@@ -115,6 +118,9 @@ class OAPMethodConfig:
 class OAPInferConfig(InferConfig):
     size: int = param(0, range=(0, None), help="resize inputs to size x size (0 = oap.global_size)")
     score_threshold: float = param(0.0, range=(0.0, 1.0), help="drop predicted masks below this score")
+    model: str = param("teacher", choices=("teacher", "student"),
+                       help="--what universal: the network that predicts -- the final EMA teacher with its decoder "
+                            "(the paper) or the student's own weights (the checkpoint's model)")
     teacher: str = param("final", choices=("final", "initial"),
                          help="--what pseudo: whose OAP pseudo-masks -- the run's final EMA teacher, or the "
                               "initial one (the pretrained encoder before any training: the raw pseudo-masks the "

@@ -171,38 +171,49 @@ class OAPMethod(Method):
                      for b in range(xg.shape[0])]
         tg = teacher_targets(teacher, xg, self.pooling(cfg), levels=tuple(oc.levels), max_targets=oc.max_targets,
                              given=given)
-        # Student: the local views.
-        out = model(xl.flatten(0, 1))
-        hw = tuple(out["pred_masks"].shape[-2:])
-        targets = []
-        for b in range(B):
-            for j in range(n):
-                targets.append(L.crop_targets(tg[b].masks, tg[b].level, tg[b].logits, batch["local_boxes"][b, j],
-                                              oc.global_size, bool(batch["global_flip"][b]),
-                                              bool(batch["local_flips"][b, j]), hw))
+        # Student: the local views (and, with oap.student_global, the global view itself: its box is
+        # the whole view, seen as the teacher saw it). Views of one size go through one forward.
+        full = xg.new_tensor([0.0, 0.0, oc.global_size, oc.global_size])
+        groups = [(xl.flatten(0, 1), [(b, batch["local_boxes"][b, j], bool(batch["local_flips"][b, j]))
+                                      for b in range(B) for j in range(n)])]
+        if oc.student_global:
+            groups.append((xg, [(b, full, bool(batch["global_flip"][b])) for b in range(B)]))
         gen = torch.Generator(device=xl.device)
         gen.manual_seed(int(cfg.train.seed) * 1_000_003 + ctx.step * 131 + ctx.rank)
-        level = out["level"]
-        preds = [out] + (list(out["aux_outputs"]) if lc.deep_supervision else [])
-        matches = [L.match_views(p["pred_masks"], level, targets, lc.match_points, gen) for p in preds]
-        # Mask2Former's num_masks: matched pairs of the last layer, averaged over ranks.
-        n_local = torch.tensor(float(sum(len(q) for q, _ in matches[0])), device=xl.device)
+        views = []  # per group: (outputs of every supervised layer, targets per view, matches per layer)
+        for x, boxes in groups:
+            out = model(x)
+            hw = tuple(out["pred_masks"].shape[-2:])
+            targets = [L.crop_targets(tg[b].masks, tg[b].level, tg[b].logits, box, oc.global_size,
+                                      bool(batch["global_flip"][b]), flip, hw) for b, box, flip in boxes]
+            preds = [out] + (list(out["aux_outputs"]) if lc.deep_supervision else [])
+            matches = [L.match_views(p["pred_masks"], out["level"], targets, lc.match_points, gen) for p in preds]
+            views.append((preds, targets, matches))
+        # Mask2Former's num_masks: matched pairs of the last layer over all views, averaged over ranks.
+        n_local = torch.tensor(float(sum(len(q) for _, _, m in views for q, _ in m[0])), device=xl.device)
         num_masks = max(float(dist.all_reduce_sum(n_local)) / max(ctx.world_size, 1), 1.0)
         total = xl.new_zeros(())
         logs = {}
-        for k, (p, m) in enumerate(zip(preds, matches)):
-            ml = L.oap_mask_loss(p["pred_masks"], targets, m, num_masks, num_points=lc.num_points,
-                                 oversample=lc.oversample, importance=lc.importance, generator=gen)
-            total = total + lc.mask * ml["loss_mask"] + lc.dice * ml["loss_dice"]
+        for k in range(len(views[0][0])):  # every supervised decoder layer, the last one first
+            loss_mask = loss_dice = 0.0
+            for preds, targets, matches in views:  # BCE + Dice summed over pairs / num_masks
+                ml = L.oap_mask_loss(preds[k]["pred_masks"], targets, matches[k], num_masks,
+                                     num_points=lc.num_points, oversample=lc.oversample, importance=lc.importance,
+                                     generator=gen)
+                loss_mask, loss_dice = loss_mask + ml["loss_mask"], loss_dice + ml["loss_dice"]
+            total = total + lc.mask * loss_mask + lc.dice * loss_dice
             if k == 0:
-                logs.update(mask=ml["loss_mask"].detach(), dice=ml["loss_dice"].detach())
-            if "pred_logits" in p:
-                obj = L.objectness_loss(p["pred_logits"], m, lc.no_object)
+                logs.update(mask=loss_mask.detach(), dice=loss_dice.detach())
+            if "pred_logits" in views[0][0][k]:  # one class loss over the queries of every view
+                obj = L.objectness_loss(torch.cat([preds[k]["pred_logits"] for preds, _, _ in views]),
+                                        [q for _, _, m in views for q in m[k]], lc.no_object)
                 total = total + lc.objectness * obj
                 if k == 0:
                     logs["objectness"] = obj.detach()
-        sd, t_logits = L.query_distillation(out["logits"], targets, matches[0], ctx.state.center, lc.teacher_temp,
-                                            lc.student_temp, lc.distill_reduction)
+        sd, t_logits = L.query_distillation(torch.cat([preds[0]["logits"] for preds, _, _ in views]),
+                                            [t for _, ts, _ in views for t in ts],
+                                            [q for _, _, m in views for q in m[0]], ctx.state.center,
+                                            lc.teacher_temp, lc.student_temp, lc.distill_reduction)
         total = total + lc.distill * sd
         self._center_logits = t_logits
         logs.update(distill=sd.detach(), pairs=n_local,
@@ -222,9 +233,11 @@ class OAPMethod(Method):
         self._center_logits = None
 
     # ------------------------------------------------------------------ inference
-    def inference_model(self, model, teacher, state):
-        # the final teacher (EMA) with its decoder (issue 11: "inference with the final teacher + decoder")
-        return getattr(teacher, "module", teacher) if teacher is not None else model
+    def inference_model(self, model, teacher, state, cfg=None):
+        # the final teacher (EMA) with its decoder, as the paper infers; infer.model=student: the student
+        if teacher is None or (cfg is not None and cfg.infer.model == "student"):
+            return model
+        return getattr(teacher, "module", teacher)
 
     def inference_transform(self, cfg, info):
         return _InferTransform(cfg.infer.size or cfg.oap.global_size)

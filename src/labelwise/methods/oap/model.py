@@ -107,7 +107,7 @@ class OAPNet(nn.Module):
 class TeacherTargets:
     """Pseudo-masks of one image of the global view, all levels together."""
 
-    masks: torch.Tensor    # (T, h, w) bool, on the teacher's key grid
+    masks: torch.Tensor    # (T, h, w) bool, on the teacher's key grid (given masks: the view's resolution)
     level: torch.Tensor    # (T,) long, 0 = semantic, 1 = instance (the decoder's query levels)
     logits: torch.Tensor   # (T, K) teacher DINO logits (before centring / sharpening)
     scores: torch.Tensor   # (T,)
@@ -122,8 +122,10 @@ def teacher_targets(teacher: OAPNet, x: torch.Tensor, pooling, levels=("semantic
     their teacher DINO logits (Eq. 6 votes of the teacher's mask features, see the module doc).
 
     ``given`` (the ``oap.targets=ground_truth`` control): per image ``(masks (T, H, W) bool, level
-    (T,))`` at the view's resolution, used in place of OAP's masks (pooled to the key grid, > 0.5;
-    masks that vanish there are dropped); scores are 1 and ``features`` empty."""
+    (T,))`` at the view's resolution, used in place of OAP's masks at that resolution (their Eq. 6
+    votes from the masks pooled to the key grid, > 0.5; masks that vanish there are dropped);
+    scores are 1 and ``features`` empty. ``masks`` of the result are on the key grid for OAP's own
+    targets and at the view's resolution for given ones (consumers resample them)."""
     from labelwise.pseudo.oap.pooling import vote_embeddings
 
     feats, keys = teacher.encode(x, keys=True)
@@ -135,11 +137,12 @@ def teacher_targets(teacher: OAPNet, x: torch.Tensor, pooling, levels=("semantic
     out = []
     for b in range(B):
         ms, lv, sc, fs = [], [], [], []
+        votes = None  # the masks on the key grid that Eq. 6 votes with (OAP's own masks are already there)
         if given is not None:
             gm, gl = given[b]
             pooled = F.adaptive_avg_pool2d(gm[None].float(), (h, w))[0] > 0.5
             keep = pooled.flatten(1).any(1)
-            ms, lv = [pooled[keep]], [gl[keep].to(x.device)]
+            ms, lv, votes = [gm[keep].to(x.device)], [gl[keep].to(x.device)], pooled[keep]
             sc, fs = [torch.ones(int(keep.sum()), device=x.device)], [keys.new_zeros((int(keep.sum()), 0)).float()]
         for name in (levels if given is None else ()):
             res = results[b]
@@ -153,7 +156,8 @@ def teacher_targets(teacher: OAPNet, x: torch.Tensor, pooling, levels=("semantic
             sc.append(scores.float())
             lv.append(torch.full((len(masks),), LEVEL_IDS[name], dtype=torch.long, device=x.device))
         masks = torch.cat(ms)
-        emb = vote_embeddings(masks.flatten(1), A[b], X[b], sigma=pooling.cfg.sigma, vote=pooling.cfg.vote)
+        votes = masks if votes is None else votes
+        emb = vote_embeddings(votes.flatten(1), A[b], X[b], sigma=pooling.cfg.sigma, vote=pooling.cfg.vote)
         logits = teacher.embed_masks(emb.to(mask_features.dtype)) if len(masks) else \
             mask_features.new_zeros((0, teacher.head.last_layer.out_features))
         out.append(TeacherTargets(masks=masks, level=torch.cat(lv), logits=logits.float(), scores=torch.cat(sc),
