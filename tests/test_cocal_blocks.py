@@ -12,19 +12,21 @@ from labelwise.methods.cocal.logic import consistency, path_inference
 
 
 # ----------------------------------------------------------------------------- references
-def _ref_loss(anchors, classes, bank, valid, tau, k, reduction="mean"):
+def _ref_loss(anchors, classes, bank, valid, tau, k, reduction="sum", similarity="dot"):
     """Loop form of Eq. 5: per anchor, mean over its positives of -log softmax over
-    positives + the k most similar valid other-class entries (all when k is None)."""
+    positives + the k most similar valid other-class entries (all when k is None); summed over
+    anchors (the paper's sum over x in M) or averaged. ``classes[i]`` may be a set of classes."""
     P, S, _ = bank.shape
-    a = F.normalize(anchors.double(), dim=-1)
-    b = F.normalize(bank.double(), dim=-1)
+    a, b = anchors.double(), bank.double()
+    if similarity == "cosine":
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     per = []
     for i in range(a.shape[0]):
-        x = int(classes[i])
-        pos = [(c, s) for c in range(P) for s in range(S) if c == x and valid[c, s]]
+        xs = classes[i] if isinstance(classes[i], set) else {int(classes[i])}
+        pos = [(c, s) for c in range(P) for s in range(S) if c in xs and valid[c, s]]
         if not pos:
             continue
-        negs = [(c, s) for c in range(P) for s in range(S) if c != x and valid[c, s]]
+        negs = [(c, s) for c in range(P) for s in range(S) if c not in xs and valid[c, s]]
         sim = {e: float(a[i] @ b[e[0], e[1]]) / tau for e in pos + negs}
         negs = sorted(negs, key=lambda e: -sim[e])
         if k is not None:
@@ -50,10 +52,50 @@ def _case(seed=0, P=4, S=5, D=8, M=6):
 # ----------------------------------------------------------------------------- Eqs. 5-7
 @pytest.mark.parametrize("k", [None, 0, 1, 3, 100])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_eq5_matches_loop_reference(k, reduction):
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_eq5_matches_loop_reference(k, reduction, similarity):
     anchors, classes, bank, valid = _case()
-    got = dictionary_contrastive_loss(anchors, classes, bank, valid, 0.2, k, reduction=reduction)
-    assert got.item() == pytest.approx(_ref_loss(anchors, classes, bank, valid, 0.2, k, reduction), rel=1e-5)
+    got = dictionary_contrastive_loss(anchors, classes, bank, valid, 0.2, k, reduction=reduction,
+                                      similarity=similarity)
+    ref = _ref_loss(anchors, classes, bank, valid, 0.2, k, reduction, similarity)
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_defaults_are_the_papers_sum_of_dot_products():
+    """Eq. 5 as written: C(y)_i . B_j (no normalisation) and a sum over the present classes."""
+    anchors, classes, bank, valid = _case()
+    got = dictionary_contrastive_loss(anchors, classes, bank, valid, 0.2, None)
+    assert got.item() == pytest.approx(_ref_loss(anchors, classes, bank, valid, 0.2, None, "sum", "dot"), rel=1e-5)
+    from labelwise.methods.cocal.config import CoCalSection
+
+    c = CoCalSection()
+    assert (c.similarity, c.reduction, c.logic_hard_negatives) == ("dot", "sum", False)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_reverse_logic_pulls_objects_towards_all_their_parts(k):
+    """Fig. 1's "vice versa": object components against the part bank, positives = the stored
+    components of every part of that object."""
+    from labelwise.blocks.dictionary_contrastive import reverse_logic_loss
+
+    g = torch.Generator().manual_seed(2)
+    part_bank, part_valid = torch.randn(5, 4, 8, generator=g), torch.ones(5, 4, dtype=torch.bool)
+    part_to_object = torch.tensor([0, 1, 1, 2, 2])
+    objs = torch.randn(3, 8, generator=g)
+    got = reverse_logic_loss(objs, torch.tensor([0, 1, 2]), part_to_object, part_bank, part_valid, 0.1, k)
+    ref = _ref_loss(objs, [{0}, {1, 2}, {3, 4}], part_bank, part_valid, 0.1, k)
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+    # moving object 1 towards the mean direction of its parts' entries lowers its term (cosine: a
+    # direction, not a norm)
+    cls = torch.tensor([0, 1, 2])
+    unit = F.normalize(part_bank, dim=-1)
+    moved = objs.clone()
+    moved[1] = F.normalize(objs[1], dim=0) + 3 * unit[1:3].mean((0, 1))
+    before = reverse_logic_loss(objs, cls, part_to_object, part_bank, part_valid, 0.5, k, reduction="none",
+                                similarity="cosine")
+    after = reverse_logic_loss(moved, cls, part_to_object, part_bank, part_valid, 0.5, k, reduction="none",
+                               similarity="cosine")
+    assert after[1] < before[1] and torch.equal(after[[0, 2]], before[[0, 2]])
 
 
 @pytest.mark.parametrize("k", [None, 2])
@@ -88,22 +130,25 @@ def test_empty_bank_gives_zero_on_graph():
     assert anchors.grad is not None and torch.all(anchors.grad == 0)
 
 
-def test_loss_falls_when_anchor_moves_towards_its_class():
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_loss_falls_when_anchor_moves_towards_its_class(similarity):
     anchors, classes, bank, valid = _case(seed=2)
-    b = F.normalize(bank, dim=-1)
-    centre = (b * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)  # (P, D)
-    before = dictionary_contrastive_loss(anchors, classes, bank, valid, 0.1, 3)
-    a = F.normalize(anchors, dim=-1)
-    moved = a + 0.5 * (centre[classes] - a)
-    after = dictionary_contrastive_loss(moved, classes, bank, valid, 0.1, 3)
-    assert after < before
-    # and a gradient step on the anchors lowers it as well; the bank gets no gradient
+    if similarity == "cosine":  # the direction towards the class's mean unit entry
+        b = F.normalize(bank, dim=-1)
+        centre = (b * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)  # (P, D)
+        before = dictionary_contrastive_loss(anchors, classes, bank, valid, 0.1, 3, similarity="cosine")
+        a = F.normalize(anchors, dim=-1)
+        moved = a + 0.5 * (centre[classes] - a)
+        assert dictionary_contrastive_loss(moved, classes, bank, valid, 0.1, 3, similarity="cosine") < before
+    # a gradient step on the anchors lowers it; the bank gets no gradient
     x = anchors.clone().requires_grad_(True)
     bk = bank.clone().requires_grad_(True)
-    loss = dictionary_contrastive_loss(x, classes, bk, valid, 0.1, 3)
+    loss = dictionary_contrastive_loss(x, classes, bk, valid, 0.1, 3, similarity=similarity)
     loss.backward()
     assert bk.grad is None
-    stepped = dictionary_contrastive_loss(x.detach() - 0.5 * x.grad, classes, bank, valid, 0.1, 3)
+    step = 0.5 if similarity == "cosine" else 1e-3  # raw dot products at tau 0.1: steep
+    stepped = dictionary_contrastive_loss(x.detach() - step * x.grad, classes, bank, valid, 0.1, 3,
+                                          similarity=similarity)
     assert stepped < loss
 
 

@@ -49,11 +49,36 @@ def test_switches_all_off_are_kmax_and_logic_needs_the_dictionary():
     from labelwise.methods.cocal.config import CoCalConfig
     from labelwise.methods.cocal.method import CoCalMethod
 
-    off = from_dict(CoCalConfig, {"cocal": {"dictionary": False, "p_con": False, "o_con": False, "logic": False}})
+    off = {"dictionary": False, "p_con": False, "o_con": False, "logic_loss": False, "path_inference": False}
     m = CoCalMethod()
-    assert not m.uses_dictionary(off) and m.build_state(off, None) is None
-    with pytest.raises(LabelwiseError, match="cocal.logic need cocal.dictionary=true"):
-        from_dict(CoCalConfig, {"cocal": {"dictionary": False, "logic": True, "p_con": False, "o_con": False}})
+    cfg = from_dict(CoCalConfig, {"cocal": off})
+    assert not m.uses_dictionary(cfg) and m.build_state(cfg, None) is None
+    for key in ("logic_loss", "path_inference", "logic_reverse"):
+        with pytest.raises(LabelwiseError, match=f"cocal.{key} need cocal.dictionary=true"):
+            from_dict(CoCalConfig, {"cocal": {**off, key: True}})
+    with pytest.raises(LabelwiseError, match="cocal.logic"):  # the old joint switch names its replacements
+        from_dict(CoCalConfig, {"cocal": {"logic": True}})
+
+
+def test_path_inference_changes_at_inference_and_nothing_else_does(parts_spec, tmp_path, monkeypatch):
+    """cocal.path_inference is an inference switch (Method.inference_keys): one trained run gives
+    Table 2's rows with and without it; training keys still cannot change at inference."""
+    from labelwise.engine import api
+    from labelwise.evaluation import evaluate
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    run = api.train("cocal", parts_spec, tmp_path / "run", preset="cpu", steps=2, show_progress=False,
+                    overrides=TINY + ["cocal.path_inference=false", "cocal.logic_reverse=true"])
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert {"p_con", "o_con", "logic", "logic_reverse"} <= set(log[-1])
+    free = api.infer(run, parts_spec, "val", tmp_path / "free", what="parts", show_progress=False)
+    path = api.infer(run, parts_spec, "val", tmp_path / "path", what="parts", show_progress=False,
+                     overrides=["cocal.path_inference=true"])
+    assert evaluate("parts", path, parts_spec, "val", progress=False)["consistency"] == 1.0
+    assert evaluate("parts", free, parts_spec, "val", progress=False)["consistency"] <= 1.0
+    with pytest.raises(LabelwiseError, match="only infer.* and cocal.path_inference"):
+        api.infer(run, parts_spec, "val", tmp_path / "bad", what="parts", overrides=["cocal.tau=0.5"],
+                  show_progress=False)
 
 
 @pytest.mark.parametrize("name", ["kmax", "cocal"])
@@ -107,15 +132,15 @@ def test_ablation_recipe_runs_every_table2_row(tmp_path, monkeypatch):
     tiny = "[" + ", ".join(TINY) + "]"
     over = ["train=4", "val=2", "size=64", "steps=1"] + [f"{s}.set={tiny}" for s in ("kmax",)]
     for s, sw in (("dict", "false, false, false"), ("pcon", "true, false, false"), ("ocon", "true, true, false"),
-                  ("cocal", "true, true, true")):
+                  ("logic", "true, true, true")):
         p, o, lg = (x.strip() for x in sw.split(","))
         over.append(f"{s}.set=[{', '.join(TINY)}, cocal.dictionary=true, cocal.p_con={p}, cocal.o_con={o}, "
-                    f"cocal.logic={lg}]")
+                    f"cocal.logic_loss={lg}, cocal.path_inference=false]")
     res = run_recipe("cocal-ablation", tmp_path / "r", show_progress=False, log=lambda m: None, overrides=over)
     rows = {r["stage"]: r for r in res["table"]}
-    assert set(rows) == {"t2_kmax", "t2_dict", "t2_pcon", "t2_ocon", "t2_cocal"}
+    assert set(rows) == {"t2_kmax", "t2_dict", "t2_pcon", "t2_ocon", "t2_logic", "t2_cocal", "t2_ocon_path"}
     assert all(0.0 <= r["part_miou"] <= 1.0 for r in rows.values())
-    assert rows["t2_cocal"]["consistency"] == 1.0
+    assert rows["t2_cocal"]["consistency"] == 1.0 and rows["t2_ocon_path"]["consistency"] == 1.0
 
 
 def test_cocal_trains_and_parses_on_the_partimagenet_release_layout(tmp_path, monkeypatch):

@@ -76,6 +76,10 @@ def test_parts_hand_computed():
     assert r["object_miou"] == pytest.approx(2 / 3)
     assert r["part_mavg"] == pytest.approx((0.25 + 0.5) / 2)
     assert r["consistency"] == pytest.approx(0.5)
+    # body (gt) -> head (pred) is a sibling confusion; head and wheel keep their own pixels
+    assert r["per_part_sibling_confusion"] == pytest.approx({"head": 0.0, "body": 1.0, "wheel": 0.0})
+    assert r["sibling_confusion"] == pytest.approx(1 / 3)
+    assert r["part_confusion"][2] == [0, 1, 0, 0, 0] and sum(map(sum, r["part_confusion"])) == 4
 
 
 def test_unsupervised_more_clusters_than_classes():

@@ -145,7 +145,7 @@ def test_dictionary_off_missing_image_and_not_a_run_are_refused(cocal_run, testb
     off = tmp_path / "off"
     shutil.copytree(cocal_run, off)
     text = (off / "config.yaml").read_text()
-    for key in ("dictionary", "p_con", "o_con", "logic"):
+    for key in ("dictionary", "p_con", "o_con", "logic_loss", "path_inference"):
         text, n = re.subn(rf"(\n  {key}:) true", r"\1 false", text)
         assert n == 1, key
     (off / "config.yaml").write_text(text)

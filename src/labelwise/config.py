@@ -94,7 +94,11 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_error(key: str, cls: type, prefix: str, source: str) -> LabelwiseError:
-    """``cls`` is the config section the key was looked up in, ``prefix`` its dotted path."""
+    """``cls`` is the config section the key was looked up in, ``prefix`` its dotted path. A section
+    names the keys it replaced in a ``RENAMED`` class attribute (old leaf -> what replaces it)."""
+    replaced = getattr(cls, "RENAMED", {}).get(key.rsplit(".", 1)[-1])
+    if replaced:
+        return LabelwiseError(f"config key '{key}' in {source} was replaced by {replaced}")
     candidates = all_keys(cls, prefix)
     guess = _closest(key, candidates)
     if guess is None:  # fall back to matching the last component

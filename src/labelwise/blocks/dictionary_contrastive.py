@@ -29,12 +29,18 @@ Eq. 7 (:math:`\mathcal{L}_{logic}`, cross-level): part-level anchors C(y)_i agai
 bank B~, positives B~(x) for x = the object the part belongs to — :func:`logic_loss` maps the
 part classes through ``part_to_object`` and calls the same function.
 
-Features and bank entries are L2-normalised inside (cosine similarity ``C(y)_i . B_j``);
-similarities and log-softmaxes are computed in fp32. Anchors whose class has no valid
-positive in the bank (or a negative class id) contribute nothing. ``reduction="mean"`` averages
-over the contributing anchors; ``"sum"`` is the paper's literal :math:`\sum_{x \in M}`;
-``"none"`` returns (M,) with 0 for excluded anchors. Fully vectorised: one (M, P*S) similarity
-matrix, no loops over anchors or bank entries.
+Fig. 1's "and vice versa" (object components pulled towards their parts' components) has no
+equation in the paper; :func:`logic_loss` with ``reverse=True`` gives it the form of Eq. 7 with
+the levels swapped: object components C~(y) against the *part* bank B, positives = the stored
+components of every part class of that object (``anchor_classes`` may be an (M, P) membership
+matrix for this).
+
+``similarity="dot"`` is the paper's ``C(y)_i . B_j`` on the raw components; ``"cosine"``
+L2-normalises both first. Similarities and log-softmaxes are computed in fp32. Anchors whose
+class has no valid positive in the bank (or a negative class id) contribute nothing.
+``reduction="sum"`` is the paper's literal :math:`\sum_{x \in M}`; ``"mean"`` averages over
+the contributing anchors; ``"none"`` returns (M,) with 0 for excluded anchors. Fully vectorised:
+one (M, P*S) similarity matrix, no loops over anchors or bank entries.
 """
 
 from __future__ import annotations
@@ -44,22 +50,25 @@ import torch.nn.functional as F
 
 from labelwise.blocks.contrastive import info_nce_from_logits, select_hard_negatives
 
-__all__ = ["dictionary_contrastive_loss", "logic_loss"]
+__all__ = ["dictionary_contrastive_loss", "logic_loss", "reverse_logic_loss", "SIMILARITIES"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+SIMILARITIES = ("dot", "cosine")
 
 
 def dictionary_contrastive_loss(anchors: torch.Tensor, anchor_classes: torch.Tensor, bank_feats: torch.Tensor,
                                 bank_valid: torch.Tensor, tau: float, hard_negatives: int | None,
-                                reduction: str = "mean") -> torch.Tensor:
+                                reduction: str = "sum", similarity: str = "dot") -> torch.Tensor:
     """Eq. 5 / Eq. 6 of CoCal. See module doc.
 
-    anchors (M, D), anchor_classes (M,) long in [0, P) (negative = skip), bank_feats (P, S, D),
-    bank_valid (P, S) bool, tau > 0 (not given in the paper), hard_negatives k (None = all
-    negatives; CoCal uses k = 100 with S = 100).
+    anchors (M, D), anchor_classes (M,) long in [0, P) (negative = skip) or an (M, P) bool matrix
+    of each anchor's positive classes, bank_feats (P, S, D), bank_valid (P, S) bool, tau > 0 (not
+    given in the paper), hard_negatives k (None = all negatives; CoCal uses k = 100 with S = 100).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if hard_negatives is not None and hard_negatives < 0:
@@ -70,16 +79,24 @@ def dictionary_contrastive_loss(anchors: torch.Tensor, anchor_classes: torch.Ten
     P, S, D = bank_feats.shape
     if anchors.dim() != 2 or anchors.shape[1] != D:
         raise ValueError(f"anchors must be (M, {D}), got {tuple(anchors.shape)}")
-    cls = anchor_classes.reshape(-1).to(anchors.device, torch.long)
-    if cls.shape[0] != anchors.shape[0]:
-        raise ValueError(f"{anchors.shape[0]} anchors but {cls.shape[0]} anchor classes")
+    M = anchors.shape[0]
+    if anchor_classes.dim() == 2:  # a membership matrix: the positive classes of each anchor
+        if anchor_classes.shape != (M, P):
+            raise ValueError(f"an anchor class matrix must be ({M}, {P}), got {tuple(anchor_classes.shape)}")
+        member = anchor_classes.to(anchors.device).bool()
+    else:
+        cls = anchor_classes.reshape(-1).to(anchors.device, torch.long)
+        if cls.shape[0] != M:
+            raise ValueError(f"{M} anchors but {cls.shape[0]} anchor classes")
+        member = cls[:, None] == torch.arange(P, device=anchors.device)[None]  # negative ids match nothing
 
-    a = F.normalize(anchors.float(), dim=-1)
-    b = F.normalize(bank_feats.detach().to(anchors.device).float().reshape(P * S, D), dim=-1)
+    a = anchors.float()
+    b = bank_feats.detach().to(anchors.device).float().reshape(P * S, D)
+    if similarity == "cosine":
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     logits = a @ b.t() / tau  # (M, P*S)
-    entry_cls = torch.arange(P, device=a.device).repeat_interleave(S)  # (P*S,)
     valid = bank_valid.to(a.device).bool().reshape(P * S)
-    pos = (cls[:, None] == entry_cls[None, :]) & valid[None, :]  # B(x); negative class ids match nothing
+    pos = member.repeat_interleave(S, dim=1) & valid[None, :]  # B(x)
     neg = valid[None, :] & ~pos
     if hard_negatives is not None:
         neg = select_hard_negatives(logits.detach(), neg, hard_negatives)  # N_k(i): k most similar negatives
@@ -88,7 +105,7 @@ def dictionary_contrastive_loss(anchors: torch.Tensor, anchor_classes: torch.Ten
 
 def logic_loss(part_anchors: torch.Tensor, part_classes: torch.Tensor, part_to_object: torch.Tensor,
                obj_bank_feats: torch.Tensor, obj_bank_valid: torch.Tensor, tau: float,
-               hard_negatives: int | None, reduction: str = "mean") -> torch.Tensor:
+               hard_negatives: int | None, reduction: str = "sum", similarity: str = "dot") -> torch.Tensor:
     """Eq. 7 of CoCal (L_logic): part components C(y)_i against the object bank B~, positives
     B~(x) with x = ``part_to_object[part class]``. ``part_to_object`` (P,) long; a part class
     < 0, or one mapped to an object < 0, contributes nothing."""
@@ -97,4 +114,17 @@ def logic_loss(part_anchors: torch.Tensor, part_classes: torch.Tensor, part_to_o
     ok = cls >= 0
     obj = torch.where(ok, p2o[cls.clamp_min(0)], torch.full_like(cls, -1))
     return dictionary_contrastive_loss(part_anchors, obj, obj_bank_feats, obj_bank_valid, tau, hard_negatives,
-                                       reduction)
+                                       reduction, similarity)
+
+
+def reverse_logic_loss(object_anchors: torch.Tensor, object_classes: torch.Tensor, part_to_object: torch.Tensor,
+                       part_bank_feats: torch.Tensor, part_bank_valid: torch.Tensor, tau: float,
+                       hard_negatives: int | None, reduction: str = "sum", similarity: str = "dot") -> torch.Tensor:
+    """Fig. 1's "vice versa" in the form of Eq. 7 with the levels swapped: object components
+    C~(y)_i against the part bank B, positives = the stored components of every part class whose
+    parent is that object (see the module doc: the paper gives no equation for it)."""
+    p2o = part_to_object.reshape(-1).to(object_anchors.device, torch.long)
+    cls = object_classes.reshape(-1).to(object_anchors.device, torch.long)
+    member = (cls[:, None] == p2o[None, :]) & (cls[:, None] >= 0)  # (M, P): the object's parts
+    return dictionary_contrastive_loss(object_anchors, member, part_bank_feats, part_bank_valid, tau, hard_negatives,
+                                       reduction, similarity)

@@ -255,15 +255,18 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str | Path |
 
 
 def _with_infer_overrides(method, cfg, overrides: Iterable[str], run_dir: str | Path):
-    """``cfg`` with ``infer.*`` overrides applied; any other key is an error naming the config file."""
+    """``cfg`` with ``infer.*`` overrides (and the method's ``inference_keys``) applied; any other key
+    is an error naming the config file."""
     overrides = list(overrides)
     if not overrides:
         return cfg
     from labelwise.config import apply_overrides, parse_overrides
 
+    allowed = tuple(getattr(method, "inference_keys", ()))
     for key, _ in parse_overrides(overrides):
-        if not key.startswith("infer."):
-            raise LabelwiseError(f"--set {key}: only infer.* settings can change at inference; the rest "
+        if not (key.startswith("infer.") or key in allowed):
+            more = f" and {', '.join(allowed)}" if allowed else ""
+            raise LabelwiseError(f"--set {key}: only infer.*{more} settings can change at inference; the rest "
                                  f"comes from {Path(run_dir) / 'config.yaml'}")
     return from_dict(method.config_cls, apply_overrides(to_dict(cfg), overrides, method.config_cls), source="--set")
 

@@ -15,6 +15,11 @@ Inputs per image: predicted and ground-truth *part* maps (part indices, 0 = back
   fraction whose predicted part belongs to the predicted object
   (``part_to_object[pred_part] == pred_object``). A 255 ("unknown") on either
   predicted map counts as inconsistent.
+* ``sibling_confusion``: for every foreground part class with ground-truth pixels, the
+  fraction of them predicted as a *sibling* (another part of the same object); the mean over
+  those parts. ``part_confusion`` is the count matrix it comes from, (P, P + 1): rows ground
+  truth, columns prediction, the last column predictions outside the part classes (255);
+  ``per_part_sibling_confusion`` the per-part fractions.
 """
 
 from __future__ import annotations
@@ -90,6 +95,15 @@ class PartsMetric(Metric):
                 per_object_mavg[self.object_names[o]] = nanmean(sp["iou"][sel])
         mavg = torch.tensor(list(per_object_mavg.values()), dtype=torch.float64)
         c, n = st["consistent"].tolist()
+        conf = st["part_confusion"].to(torch.float64)  # (P, P + 1): the last column = unknown (255)
+        P = len(p2o)
+        sibling = torch.zeros(P, P + 1, dtype=torch.bool)
+        sibling[:, :P] = (p2o[:, None] == p2o[None, :]) & ~torch.eye(P, dtype=torch.bool)
+        sibling[0, :] = sibling[:, 0] = False  # background has no siblings
+        gt_px = conf.sum(1)
+        rate = (conf * sibling).sum(1) / gt_px.clamp_min(1)
+        has = (gt_px > 0) & (p2o > 0)
+        per_part_sibling = {self.part_names[i]: float(rate[i]) for i in range(len(p2o)) if has[i]}
         return {
             "part_miou": nanmean(sp["iou"]),
             "object_miou": nanmean(so["iou"]),
@@ -100,6 +114,9 @@ class PartsMetric(Metric):
             "per_part_iou": {k: float(v) for k, v in zip(self.part_names, sp["iou"])},
             "per_object_iou": {k: float(v) for k, v in zip(self.object_names, so["iou"])},
             "per_object_part_mavg": per_object_mavg,
+            "sibling_confusion": float(rate[has].mean()) if has.any() else float("nan"),
+            "per_part_sibling_confusion": per_part_sibling,
+            "part_confusion": st["part_confusion"].tolist(),
         }
 
     def table(self, result: dict[str, Any] | None = None) -> str:

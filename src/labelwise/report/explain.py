@@ -71,7 +71,7 @@ class Explanation:
     path_prob: np.ndarray               # H x W probability of the best path
     part_argmax: np.ndarray             # H x W the part level's own argmax (no path)
     matrix: np.ndarray                  # P x P~ cosine between part and object components
-    logic: bool = True                  # cocal.logic of the run (its own inference uses the paths)
+    logic: bool = True                  # cocal.path_inference of the run (its own inference uses the paths)
     run_dir: str = ""
     image_name: str = ""
     extra: dict = field(default_factory=dict)
@@ -174,7 +174,7 @@ def compute_explanation(loaded, image: np.ndarray, *, max_side: int = 384, image
         display=np.ascontiguousarray(display), parts=parts[0].cpu().numpy().astype(np.int64),
         objects=objects[0].cpu().numpy().astype(np.int64), path_prob=prob[0].cpu().numpy().astype(np.float32),
         part_argmax=part_argmax[0].cpu().numpy().astype(np.int64), matrix=matrix,
-        logic=bool(cfg.cocal.logic), run_dir=str(loaded.run_dir), image_name=image_name)
+        logic=bool(cfg.cocal.path_inference), run_dir=str(loaded.run_dir), image_name=image_name)
 
 
 # --------------------------------------------------------------------------- drawing
@@ -409,8 +409,9 @@ def _html(ex: Explanation, files: dict, levels: dict, ranges: dict) -> list[Sect
              ("pixels changed by the path", n_changed), ("parts nearest their parent", f"{sum(nearest)}/{P}")]
     H, W = ex.image.shape[:2]
     settings = [["run", ex.run_dir], ["image", f"{ex.image_name} ({W}x{H})"],
-                ["run's inference", "best part -> object path (cocal.logic=true)" if ex.logic else
-                 "independent argmax per level (cocal.logic=false); the paths below are what logic would choose"]]
+                ["run's inference", "best part -> object path (cocal.path_inference=true)" if ex.logic else
+                 "independent argmax per level (cocal.path_inference=false); the paths below are what path "
+                 "inference would choose"]]
     summary = headline(facts, digits=0) + html_table(["setting", "value"], settings)
     parse = ("<p>Each pixel takes the best logical path <i>part &rarr; parent object</i>: the part probability "
              "times its parent object's probability (CoCal Sec. 2.2.3, Fig. 3), so the part and object maps agree. "

@@ -24,12 +24,20 @@ Table 5: CoCal on Mask2Former               ``model.decoder=mask2former``:
                                            (fixed matching; absent components are negatives)
 =========================================  ====================================================
 
-Switches (Table 2 rows): ``cocal.dictionary``, ``cocal.p_con``, ``cocal.o_con``, ``cocal.logic``
-(all false = kMaX-DeepLab, the ``kmax`` method's code path); Tables 3-4: ``cocal.bank_size`` (S),
-``cocal.hard_negatives`` (k, 0 = all). Readings where the paper is silent: tau (``cocal.tau``,
-default 0.1); the banks store the per-image final dictionary components of the classes present,
-enqueued after each optimiser step; Eq. 5's denominator is the positives plus the k hardest
-negatives; ``cocal.logic`` switches both the loss and the inference.
+Switches (Table 2 rows): ``cocal.dictionary``, ``cocal.p_con``, ``cocal.o_con``, and the logical
+constraints as two switches, ``cocal.logic_loss`` (Eq. 7, training) and ``cocal.path_inference``
+(Fig. 3, inference), so Table 2's last row splits (all false = kMaX-DeepLab, the ``kmax`` method's
+code path); Tables 3-4: ``cocal.bank_size`` (S), ``cocal.hard_negatives`` (k, 0 = all).
+
+Where the paper is explicit the default follows it: Eqs. 5-7 use the dot product ``C(y)_i . B_j``
+of the raw components (``cocal.similarity=dot``; the banks store them unnormalised; ``cosine``
+normalises both) and sum over the present classes x in M (``cocal.reduction=sum``; ``mean``);
+hard negatives are mined for Eqs. 5-6, where the paper introduces them (``cocal.logic_hard_negatives``
+adds them to Eq. 7). Readings where the paper is silent: tau (``cocal.tau``, default 0.1); the
+banks store the per-image final dictionary components of the classes present, enqueued after each
+optimiser step; Eq. 5's denominator is the positives plus the k hardest negatives. Fig. 1's "and
+vice versa" has no equation; ``cocal.logic_reverse`` gives it Eq. 7's form with the levels
+swapped (object components against the part bank, positives = their parts), off by default.
 
 The dictionary, bank, contrastive and logic pieces are decoder-agnostic (``blocks/``,
 ``logic.py``): they read the network's ``cluster_centres`` and per-level probabilities only, so

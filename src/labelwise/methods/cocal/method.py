@@ -17,12 +17,13 @@ class CoCalState(nn.Module):
     dictionary components (Sec. 2.2.2), each class its own ring of S samples; checkpointed with
     the run and filled identically on every rank (``enqueue`` all-gathers)."""
 
-    def __init__(self, num_parts: int, num_objects: int, size: int, dim: int):
+    def __init__(self, num_parts: int, num_objects: int, size: int, dim: int, normalize: bool = False):
         super().__init__()
         from labelwise.blocks.class_bank import ClassMemoryBank
 
-        self.part_bank = ClassMemoryBank(num_parts, size, dim)
-        self.object_bank = ClassMemoryBank(num_objects, size, dim)
+        # the raw components for the paper's dot product; unit vectors for cocal.similarity=cosine
+        self.part_bank = ClassMemoryBank(num_parts, size, dim, normalize=normalize)
+        self.object_bank = ClassMemoryBank(num_objects, size, dim, normalize=normalize)
 
 
 def present_components(out: dict, batch, num_parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,6 +48,7 @@ class CoCalMethod(KMaXMethod):
     name = "cocal"
     config_cls = CoCalConfig
     description = "CoCal: dictionary-based object parsing with contrastive components and logical constraints"
+    inference_keys = ("cocal.path_inference",)  # labelwise infer --set cocal.path_inference=false
 
     def __init__(self):
         self._enqueue = None
@@ -58,10 +60,12 @@ class CoCalMethod(KMaXMethod):
     def build_state(self, cfg, info):
         if not cfg.cocal.dictionary:
             return None
-        return CoCalState(len(info.part_names), len(info.class_names), cfg.cocal.bank_size, cfg.model.mask_dim)
+        return CoCalState(len(info.part_names), len(info.class_names), cfg.cocal.bank_size, cfg.model.mask_dim,
+                          normalize=cfg.cocal.similarity == "cosine")
 
     def training_step(self, model, batch, ctx: StepContext):
-        from labelwise.blocks.dictionary_contrastive import dictionary_contrastive_loss, logic_loss
+        from labelwise.blocks.dictionary_contrastive import (dictionary_contrastive_loss, logic_loss,
+                                                             reverse_logic_loss)
 
         cc = ctx.cfg.cocal
         net = ctx.module
@@ -71,21 +75,28 @@ class CoCalMethod(KMaXMethod):
         self._enqueue = None
         if cc.dictionary:
             pa, pc, oa, oc = present_components(out, batch, net.num_parts)
-            k = cc.hard_negatives or None
+            k = cc.hard_negatives or None        # Eqs. 5-6: hard-negative mining (Sec. 2.2.2)
+            k_logic = k if cc.logic_hard_negatives else None
+            opts = dict(reduction=cc.reduction, similarity=cc.similarity)
             state = ctx.state
             if cc.p_con:    # Eq. 5
-                lp = dictionary_contrastive_loss(pa, pc, *state.part_bank.get(), cc.tau, k)
+                lp = dictionary_contrastive_loss(pa, pc, *state.part_bank.get(), cc.tau, k, **opts)
                 total = total + cc.w_p_con * lp
                 logs["p_con"] = lp.detach()
             if cc.o_con:    # Eq. 6
-                lo = dictionary_contrastive_loss(oa, oc, *state.object_bank.get(), cc.tau, k)
+                lo = dictionary_contrastive_loss(oa, oc, *state.object_bank.get(), cc.tau, k, **opts)
                 total = total + cc.w_o_con * lo
                 logs["o_con"] = lo.detach()
-            if cc.logic:    # Eq. 7
+            if cc.logic_loss or cc.logic_reverse:
                 p2o = torch.as_tensor(ctx.info.part_to_object, device=pa.device)
-                ll = logic_loss(pa, pc, p2o, *state.object_bank.get(), cc.tau, k)
+            if cc.logic_loss:    # Eq. 7
+                ll = logic_loss(pa, pc, p2o, *state.object_bank.get(), cc.tau, k_logic, **opts)
                 total = total + cc.w_logic * ll
                 logs["logic"] = ll.detach()
+            if cc.logic_reverse:    # Fig. 1's "vice versa" (no equation in the paper)
+                lr = reverse_logic_loss(oa, oc, p2o, *state.part_bank.get(), cc.tau, k_logic, **opts)
+                total = total + cc.w_logic * lr
+                logs["logic_reverse"] = lr.detach()
             # the banks store this step's components after the step (historical samples only)
             self._enqueue = (pa.detach(), pc, oa.detach(), oc)
         return {"loss": total, **logs}
@@ -98,11 +109,11 @@ class CoCalMethod(KMaXMethod):
         self._enqueue = None
 
     def parse(self, part_prob, object_prob, ctx):
-        """Dictionary: the nearest part / object component of every pixel; with ``cocal.logic`` the best
-        part -> object path (part probability x parent-object probability), so the two maps agree by
-        construction (Sec. 2.2.3, Fig. 3)."""
+        """Dictionary: the nearest part / object component of every pixel; with ``cocal.path_inference``
+        the best part -> object path (part probability x parent-object probability), so the two maps
+        agree by construction (Sec. 2.2.3, Fig. 3)."""
         cc = ctx.cfg.cocal
-        if not (cc.dictionary and cc.logic):
+        if not (cc.dictionary and cc.path_inference):
             return super().parse(part_prob, object_prob, ctx)
         from labelwise.methods.cocal.logic import path_inference
 
