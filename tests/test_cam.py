@@ -260,3 +260,40 @@ def test_infer_refuses_to_mix_predictions_of_other_settings(tmp_path, monkeypatc
     capsys.readouterr()
     assert main(infer + ["--what", "seeds"]) == 2
     assert "another checkpoint" in capsys.readouterr().err
+
+
+def test_infer_refuses_a_folder_holding_another_outputs_files(tmp_path, monkeypatch, capsys):
+    """A folder with a seco run's 'segmentation' (<id>.png) is not a place for a cam run's 'masks'
+    (<id>.png too): one line, exit 2, nothing counted as already predicted. Metadata written before
+    the file kind was recorded still resumes."""
+    import json
+
+    from labelwise.cli import main
+    from labelwise.data.synth import generate
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    root = generate("cooc", tmp_path / "c", n_train=4, n_val=3, size=32, seed=5)
+    train = ["train", "cam", "--data", f"voc:{root}", "--out", str(tmp_path / "run"), "--steps", "1", "--set",
+             "model.backbone=vit_tiny_test", "model.pretrained=false", "data.crop_size=32", "train.batch_size=2",
+             "train.eval_at_end=false"]
+    assert main(train) == 0
+    infer = ["infer", str(tmp_path / "run"), "--data", f"voc:{root}", "--split", "val"]
+    out = tmp_path / "p"
+    assert main(infer + ["--out", str(out), "--what", "masks"]) == 0
+    meta_path = out / ".labelwise-predictions.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["masks"]["files"] == "label_png"
+    # a seco run's segmentation in the same folder
+    other = tmp_path / "q"
+    other.mkdir()
+    (other / ".labelwise-predictions.json").write_text(json.dumps(
+        {"segmentation": {**meta["masks"], "run": "/elsewhere/seco-run", "files": "label_png"}}))
+    capsys.readouterr()
+    assert main(infer + ["--out", str(other), "--what", "masks"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'segmentation' predictions of /elsewhere/seco-run" in err
+    assert main(infer + ["--out", str(other), "--what", "seeds"]) == 0  # other files (npz): fine
+    # legacy metadata (no file kind) of the same output resumes
+    legacy = {k: v for k, v in meta["masks"].items() if k != "files"}
+    meta_path.write_text(json.dumps({"masks": legacy}))
+    assert main(infer + ["--out", str(out), "--what", "masks"]) == 0

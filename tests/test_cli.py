@@ -101,3 +101,33 @@ def test_no_progress_and_device_take_effect(tmp_path, capsys, monkeypatch):
                  str(tmp_path / "p"), "--device", "cuda:7"]) == 2  # the device reaches the model (none here)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "device 'cuda:7'" in err
+
+
+def test_unwritable_and_file_valued_outputs_end_in_one_line(tmp_path, capsys):
+    """An output path where a file stands (or under a file) ends in one line naming it, exit 2, no
+    traceback: train / infer --out, evaluate --json, show --out, data synth, pseudo-masks --out."""
+    from labelwise.data.synth import generate
+
+    tb = generate("cooc", tmp_path / "tb", n_train=4, n_val=2, size=32, seed=0)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    run = tmp_path / "run"
+    assert main(["train", "cam", "--data", f"voc:{tb}", "--out", str(run), "--steps", "1", "--preset", "cpu",
+                 "--set", "model.pretrained=false", "data.crop_size=32", "train.batch_size=2",
+                 "train.eval_at_end=false", "--no-progress"]) == 0
+    assert main(["infer", str(run), "--data", f"voc:{tb}", "--split", "val", "--out", str(tmp_path / "pred"),
+                 "--what", "seeds", "--no-progress"]) == 0
+    capsys.readouterr()
+    cases = [
+        ["train", "cam", "--data", f"voc:{tb}", "--out", str(blocker / "run"), "--steps", "1", "--preset", "cpu"],
+        ["infer", str(run), "--data", f"voc:{tb}", "--split", "val", "--out", str(blocker / "p"), "--what", "seeds"],
+        ["evaluate", "semantic", "--pred", str(tmp_path / "pred"), "--gt", f"voc:{tb}", "--split", "val",
+         "--json", str(tmp_path)],
+        ["show", str(tmp_path / "pred"), "--images", str(tb / "JPEGImages"), "--out", str(blocker / "g")],
+        ["data", "synth", "cooc", str(blocker / "t"), "--train", "2", "--val", "1", "--size", "32"],
+    ]
+    for argv in cases:
+        assert main(argv + (["--no-progress"] if argv[0] in ("train", "infer", "show") else [])) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("labelwise: error: ") and "Traceback" not in err, (argv, err)
+        assert str(blocker) in err or str(tmp_path) in err, (argv, err)

@@ -82,3 +82,22 @@ def test_list_images(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["b.jpg", "sub/a.PNG"]
     with pytest.raises(LabelwiseError, match="image folder not found"):
         list_images(tmp_path / "missing")
+
+
+def test_outputs_follow_the_umask_like_any_new_file(tmp_path):
+    """Atomic writes keep the umask's permissions (0o644 under 022), not mkstemp's owner-only 0o600."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    code = ("import sys; from labelwise.io import atomic_write_text, atomic_write_json; "
+            "atomic_write_text(sys.argv[1] + '/a.txt', 'x'); atomic_write_json(sys.argv[1] + '/b.json', {}); "
+            "open(sys.argv[1] + '/plain.txt', 'w').close()")
+    for umask, want in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        out = tmp_path / oct(umask)
+        out.mkdir()
+        subprocess.run([sys.executable, "-c", f"import os; os.umask({umask}); " + code, str(out)], check=True,
+                       env={**os.environ})
+        for name in ("a.txt", "b.json", "plain.txt"):
+            assert stat.S_IMODE((out / name).stat().st_mode) == want, (oct(umask), name)

@@ -1,7 +1,8 @@
 """File I/O shared by every part of labelwise: atomic writes, image and label PNG decoding.
 
 * Writes go to a temporary file in the same directory and are renamed into place, so a
-  killed process never leaves a half-written checkpoint, mask or JSON behind.
+  killed process never leaves a half-written checkpoint, mask or JSON behind. The file gets
+  the permissions the umask gives any new file (``file_mode``), as other tools' outputs do.
 * :func:`read_image` returns an RGB ``uint8`` array whatever the file holds (EXIF
   orientation applied; grayscale, RGBA, palette and 16-bit images converted).
 * :func:`read_label` returns the *indices* stored in a label PNG (palette or grayscale),
@@ -28,6 +29,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 
 # --------------------------------------------------------------------------- atomic writes
 
+_FILE_MODE: int | None = None
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the process umask
+    (read once; the temporary files of atomic writes start as 0o600 and get this mode)."""
+    global _FILE_MODE
+    if _FILE_MODE is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _FILE_MODE = 0o666 & ~mask
+    return _FILE_MODE
+
+
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb", sync: bool = True) -> None:
     """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it into place.
@@ -45,6 +60,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp's 0o600 would hide outputs from the group and others
         os.replace(tmp, path)
     except BaseException:
         try:

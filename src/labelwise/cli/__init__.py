@@ -9,6 +9,7 @@ only pays for the imports it needs.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -83,6 +84,29 @@ def _dispatch(args) -> int:
     except KeyboardInterrupt:
         print("labelwise: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the command cannot read or write: one line naming it, no traceback
+        print(f"labelwise: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+_OS_HINTS = {
+    errno.EACCES: "choose a path you can write to (or fix its permissions)",
+    errno.EPERM: "choose a path you can write to (or fix its permissions)",
+    errno.EEXIST: "a file stands where a folder is needed; pass another path",
+    errno.ENOTDIR: "a file stands where a folder is needed; pass another path",
+    errno.EISDIR: "a folder stands where a file is needed; pass a file path",
+    errno.ENOENT: "check the path",
+    errno.ENOSPC: "free disk space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """``PATH: reason; fix`` for an OSError (the path it names, the OS's reason, what to do)."""
+    what = e.strerror or str(e)
+    where = f"{e.filename}: " if e.filename is not None else ""
+    hint = _OS_HINTS.get(e.errno or -1)
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
 
 
 def _leave_process_group(ok: bool, exit_code: int | None = None) -> None:

@@ -328,7 +328,8 @@ def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str
 
         ds = with_stage_inputs(ds, seeds_dir=seeds)
     out = Path(out)
-    sigs = {w: _prediction_signature(loaded, cfg, normalise_spec(data), split, checkpoint, seeds) for w in whats}
+    sigs = {w: {**_prediction_signature(loaded, cfg, normalise_spec(data), split, checkpoint, seeds),
+                "files": method.outputs[w]} for w in whats}
     _check_predictions(out, sigs)
     out.mkdir(parents=True, exist_ok=True)
     writers = output_writers(method, whats, out, cfg)
@@ -392,13 +393,43 @@ def _read_predictions_meta(out: Path) -> dict:
         return {}
 
 
+# writer kinds whose files are named by the output (``<what>.json``): two outputs never share them
+_NAMED_BY_OUTPUT = ("coco_rle", "clustered_masks")
+
+
+def _files_of(what: str, sig: dict) -> str | None:
+    """The file kind an output recorded in a folder's metadata writes (older metadata: looked up from
+    its run's method), or None when unknown."""
+    if "files" in sig:
+        return sig["files"]
+    try:
+        from labelwise.engine.registry import get_method
+
+        return get_method(read_run(sig["run"])["method"]).outputs.get(what)
+    except Exception:  # the run folder is gone or unreadable: nothing to compare with
+        return None
+
+
 def _check_predictions(out: Path, sigs: dict) -> None:
     """Outputs already in ``out`` must come from the same run, checkpoint, data and settings:
-    otherwise resuming would mix old and new predictions silently."""
+    otherwise resuming would mix old and new predictions silently. Another output that writes the
+    same files (``<id>.png`` of a cam run's ``masks`` and a seco run's ``segmentation``) is refused
+    too: its images would count as already predicted."""
     old = _read_predictions_meta(out)
     for what, sig in sigs.items():
-        if what in old and old[what] != sig:
-            fa, fb = _flatten(old[what]), _flatten(sig)
+        kind = sig.get("files")
+        if kind is None or kind in _NAMED_BY_OUTPUT:
+            continue
+        for other, osig in old.items():
+            if other != what and _files_of(other, osig) == kind:
+                raise LabelwiseError(f"{out} holds '{other}' predictions of {osig.get('run', 'another run')} in the "
+                                     f"same files ({kind}) that '{what}' writes; pass a new --out")
+    for what, sig in sigs.items():
+        prev = old.get(what)
+        if prev is not None and "files" not in prev:  # metadata written before the file kind was recorded
+            sig = {k: v for k, v in sig.items() if k != "files"}
+        if prev is not None and prev != sig:
+            fa, fb = _flatten(prev), _flatten(sig)
             keys = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
             raise LabelwiseError(f"{out} holds '{what}' predictions made with another {', '.join(keys)}; pass a new "
                                  "--out, or delete that folder to predict again")
