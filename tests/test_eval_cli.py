@@ -148,3 +148,40 @@ def test_parts_cli_hand_computed(tmp_path):
     # same case as test_eval_semantic.test_parts_hand_computed
     assert r["part_miou"] == pytest.approx(0.25) and r["object_miou"] == pytest.approx(2 / 3)
     assert r["part_mavg"] == pytest.approx(0.375) and r["consistency"] == pytest.approx(0.5)
+
+
+def test_corrupt_segmentations_end_in_one_line(tmp_path, capsys):
+    """A prediction whose RLE is truncated (pycocotools would score it as another mask), a ground
+    truth with an odd-length polygon (pycocotools: "input type is not supported"): one line naming
+    the record, exit 2; `data check` finds the polygon too."""
+    import shutil
+
+    from labelwise.data.synth import generate
+
+    root = generate("objects", tmp_path / "o", n_train=2, n_val=2, size=64, seed=0)
+    gt = json.loads((root / "annotations" / "instances_val.json").read_text())
+    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
+              "score": 0.9} for a in gt["annotations"]]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(preds))
+    assert main(["evaluate", "instance", "--pred", str(good), "--gt", f"coco:{root}", "--split", "val"]) == 0
+    bad = [dict(p) for p in preds]
+    seg = dict(bad[1]["segmentation"])
+    seg["counts"] = seg["counts"][: len(seg["counts"]) // 2]
+    bad[1]["segmentation"] = seg
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    capsys.readouterr()
+    assert main(["evaluate", "instance", "--pred", str(tmp_path / "bad.json"), "--gt", f"coco:{root}",
+                 "--split", "val"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "prediction #1" in err and "truncated" in err, err
+    # the ground truth: an odd-length polygon
+    broken = tmp_path / "b"
+    shutil.copytree(root, broken)
+    gt["annotations"][0]["segmentation"] = [[1, 1, 10, 1, 10]]
+    (broken / "annotations" / "instances_val.json").write_text(json.dumps(gt))
+    assert main(["evaluate", "instance", "--pred", str(good), "--gt", f"coco:{broken}", "--split", "val"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"annotation {gt['annotations'][0]['id']}" in err and "even number" in err, err
+    assert main(["data", "check", f"coco:{broken}", "--split", "val"]) == 1
+    assert "even number" in capsys.readouterr().out

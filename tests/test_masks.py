@@ -61,3 +61,34 @@ def test_bbox_area_and_polygon():
         decode_mask(poly)
     # uncompressed RLE (list counts): 2 zeros, 3 ones, 1 zero in column-major order of 3x2
     assert decode_mask({"size": [3, 2], "counts": [2, 3, 1]}).T.reshape(-1).tolist() == [0, 0, 1, 1, 1, 0]
+
+
+def test_rle_counts_are_the_run_lengths_and_corrupt_rles_are_named():
+    """rle_counts decodes pycocotools' compressed strings to the runs of the Fortran-order mask;
+    segmentation_problem names truncated / garbled RLEs (which pycocotools decodes to garbage
+    without an error), wrong sizes and odd-length polygons."""
+    from labelwise.masks import encode_mask, rle_counts, segmentation_problem
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        h, w = rng.integers(1, 40, 2)
+        m = rng.random((h, w)) < rng.random()
+        runs, value, n = [], False, 0  # COCO's runs: column-major, alternating, starting with zeros
+        for v in m.flatten(order="F"):
+            if v == value:
+                n += 1
+            else:
+                runs.append(n)
+                value, n = v, 1
+        runs.append(n)
+        rle = encode_mask(m)
+        assert rle_counts(rle["counts"]).tolist() == runs
+        assert segmentation_problem(rle, h, w) is None
+    rle = encode_mask(np.pad(np.ones((5, 10), bool), ((5, 10), (5, 15))))
+    assert "truncated" in segmentation_problem({"size": rle["size"], "counts": rle["counts"][:-2]})
+    assert "outside" in segmentation_problem({"size": rle["size"], "counts": "bad!"})
+    assert "differs" in segmentation_problem(rle, 10, 10)
+    assert "even number" in segmentation_problem([[1, 2, 3, 4, 5]], 20, 30)
+    assert segmentation_problem([[1, 2, 3, 4, 5, 6]], 20, 30) is None
+    assert segmentation_problem({"size": [2, 3], "counts": [1, 2, 3]}) is None
+    assert "cover 5" in segmentation_problem({"size": [2, 3], "counts": [1, 2, 2]})

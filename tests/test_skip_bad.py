@@ -40,3 +40,28 @@ def test_skip_bad_skips_and_reports(broken, tmp_path):
     listed = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
     assert len(listed) == 1 and f"{bad}.jpg" in listed[0]
     assert "skip_bad: true" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.fixture()
+def truncated(tmp_path):
+    """A JPEG whose header is intact and whose data stops half way: a header read passes it."""
+    from labelwise.data.synth import generate
+
+    root = generate("cooc", tmp_path / "t", n_train=6, n_val=2, size=64, seed=3)
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    path = root / "JPEGImages" / f"{ids[1]}.jpg"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return root, ids[1]
+
+
+def test_truncated_image_is_found_by_data_check_and_skipped_by_skip_bad(truncated, tmp_path, capsys):
+    root, bad = truncated
+    assert main(["data", "check", f"voc:{root}", "--split", "train"]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}.jpg" in out
+    assert main(["data", "check", f"voc:{root}", "--split", "train", "--headers-only"]) == 0  # the fast mode misses it
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"skipped 1 bad item\(s\) of 6"):
+        assert main(["train", "cam", "--data", f"voc:{root}", "--out", str(tmp_path / "run"), "--skip-bad"] + TINY) == 0
+    assert f"{bad}.jpg" in (tmp_path / "run" / "skipped.txt").read_text()

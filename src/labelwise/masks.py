@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-__all__ = ["encode_mask", "encode_masks", "decode_mask", "decode_masks", "mask_to_bbox", "mask_area"]
+__all__ = ["encode_mask", "encode_masks", "decode_mask", "decode_masks", "mask_to_bbox", "mask_area",
+           "rle_counts", "segmentation_problem"]
 
 
 def _to_numpy(mask: Any) -> np.ndarray:
@@ -52,6 +53,63 @@ def encode_masks(masks: Any) -> list[dict]:
         return []
     stacked = np.asfortranarray((m != 0).transpose(1, 2, 0), dtype=np.uint8)
     return [_as_str(r) for r in mask_utils.encode(stacked)]
+
+
+def rle_counts(counts: str | bytes) -> np.ndarray:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``, vectorised):
+    6-bit characters from '0', 5 value bits and a continuation bit each, the last character of a
+    value carrying its sign; from the fourth run on, each value is a difference to the run two
+    before. Raises ``ValueError`` on a string that is not such an encoding."""
+    b = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else bytes(counts), dtype=np.uint8)
+    if b.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    c = b.astype(np.int64) - 48
+    if (c < 0).any() or (c > 63).any():
+        raise ValueError("an RLE 'counts' string has characters outside '0'..'o'")
+    more = (c & 0x20) != 0
+    if more[-1]:
+        raise ValueError("an RLE 'counts' string ends inside a value (truncated)")
+    ends = np.flatnonzero(~more)                       # the last character of every value
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    pos = np.arange(c.size) - np.repeat(starts, ends - starts + 1)  # position of a character in its value
+    val = np.zeros(ends.size, dtype=np.int64)
+    np.add.at(val, np.repeat(np.arange(ends.size), ends - starts + 1), (c & 0x1F) << (5 * pos))
+    neg = (c[ends] & 0x10) != 0                        # the sign bit of each value's last character
+    val = np.where(neg, val - (1 << (5 * (pos[ends] + 1))), val)
+    out = val.copy()
+    for parity in (1, 0):                              # runs >= 3: cumulative along each parity chain
+        idx = np.arange(parity if parity else 2, out.size, 2)
+        if idx.size:
+            out[idx] = np.cumsum(val[idx])
+    return out
+
+
+def segmentation_problem(segm: Any, height: int | None = None, width: int | None = None) -> str | None:
+    """Why a COCO ``segmentation`` cannot be decoded faithfully (for an image of ``height x width``
+    when given), or None: polygons need an even number of coordinates; an RLE needs ``size`` and
+    ``counts`` whose runs are non-negative and cover ``h x w`` pixels exactly (a truncated string
+    otherwise decodes to garbage without an error)."""
+    try:
+        if isinstance(segm, (list, tuple)):
+            for p in segm:
+                if not isinstance(p, (list, tuple)) or len(p) % 2:
+                    return "a polygon needs an even number of coordinates [x1, y1, x2, y2, ...]"
+                np.asarray(p, dtype=np.float64)
+            return None
+        if not isinstance(segm, dict):
+            return f"a segmentation is polygons or an RLE dict, not {type(segm).__name__}"
+        if "counts" not in segm or "size" not in segm:
+            return "an RLE needs 'size' and 'counts'"
+        h, w = int(segm["size"][0]), int(segm["size"][1])
+        if height is not None and width is not None and (h, w) != (int(height), int(width)):
+            return f"its RLE size {h}x{w} differs from the image's {int(height)}x{int(width)} (HxW)"
+        counts = segm["counts"]
+        runs = np.asarray(counts, dtype=np.int64) if isinstance(counts, list) else rle_counts(counts)
+        if (runs < 0).any() or int(runs.sum()) != h * w:
+            return f"its RLE runs cover {int(runs.sum())} pixels, not {h}x{w}: the counts are corrupt or truncated"
+    except (ValueError, TypeError, UnicodeError) as e:
+        return str(e)
+    return None
 
 
 def _to_rle(segm: Any, height: int | None, width: int | None) -> dict:

@@ -69,7 +69,7 @@ def _run_check(args: argparse.Namespace) -> int:
         raise LabelwiseError("data check: dataset loading is not available in this installation "
                              "(labelwise.data.build_dataset/validate missing); reinstall labelwise")
     dataset = build(args.spec, args.split)
-    problems = list(validate(dataset))
+    problems = list(validate(dataset, decode=not getattr(args, "headers_only", False)))
     n = len(dataset)
     names = getattr(dataset, "class_names", None)
     what = f"{n} images" + (f", {len(names)} classes" if names else "")
@@ -121,6 +121,8 @@ def register(subparsers, name: str = "data", help: str = "") -> argparse.Argumen
                                    "labels are in range. Exits 1 and lists 'file: reason' on problems.")
     c.add_argument("spec", metavar="SPEC", help="FORMAT:PATH, e.g. voc:data/cooc")
     c.add_argument("--split", default="train", help="split to check (default train)")
+    c.add_argument("--headers-only", action="store_true",
+                   help="read image headers instead of decoding every image (faster; misses truncated files)")
     add_progress(c)
     c.set_defaults(func=_run_check)
     return parser

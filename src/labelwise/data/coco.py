@@ -41,7 +41,13 @@ from labelwise.io import read_image
 
 
 def annotation_mask(segmentation: Any, h: int, w: int) -> np.ndarray:
-    """Decode a COCO ``segmentation`` (polygons, uncompressed or compressed RLE) to a bool ``H x W``."""
+    """Decode a COCO ``segmentation`` (polygons, uncompressed or compressed RLE) to a bool ``H x W``;
+    ``ValueError`` naming the problem for one that cannot be decoded faithfully."""
+    from labelwise.masks import segmentation_problem
+
+    problem = segmentation_problem(segmentation, h, w)
+    if problem is not None:
+        raise ValueError(problem)
     if isinstance(segmentation, list):
         polys = [p for p in segmentation if len(p) >= 6]
         if not polys:

@@ -5,7 +5,7 @@
   (``voc``, ``coco``, ``parts``, ``folder``) and the adapters for official releases
   (``vocaug``, ``coco-wsss``, ``partimagenet``, ``pascalpart``) are registered on first use.
 * :func:`build_dataset` builds a split; ``skip_bad=True`` scans the split eagerly
-  (image headers + labels), drops bad items, warns with the count and writes
+  (every image decoded + labels), drops bad items, warns with the count and writes
   ``report_dir/skipped.txt`` (``file<TAB>reason`` per line).
 * :func:`validate` returns ``[(file, reason), ...]`` for every problem in a split
   (the engine of ``labelwise data check``).
@@ -136,7 +136,7 @@ def skip_bad_items(dataset: SegDataset, report_dir: str | Path | None = None) ->
     bad_idx: dict[int, list[tuple[str, str]]] = {}
     check = getattr(dataset, "check_item")
     for i in range(len(dataset)):
-        p = check(i)
+        p = check(i, decode=True)  # a truncated image passes a header read and fails mid-training
         if p:
             bad_idx[i] = p
     problems = [p for ps in bad_idx.values() for p in ps]

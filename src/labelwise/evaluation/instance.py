@@ -103,11 +103,29 @@ def match_images(coco, preds: Iterable[dict], source: str = "predictions") -> li
     return out
 
 
+def _check_segmentations(coco, records: Iterable[dict], what: str) -> None:
+    """One line naming the first record whose segmentation cannot be decoded faithfully (pycocotools
+    would stop with "input type is not supported" or score a truncated RLE as a different mask)."""
+    from labelwise.masks import segmentation_problem
+
+    imgs = coco.imgs
+    for k, r in enumerate(records):
+        if "segmentation" not in r:  # box-only ground truth: nothing to decode
+            continue
+        img = imgs.get(r.get("image_id"), {})
+        problem = segmentation_problem(r.get("segmentation"), img.get("height"), img.get("width"))
+        if problem is not None:
+            name = f"{what} {r['id']}" if "id" in r else f"{what} #{k}"
+            raise LabelwiseError(f"{name} (image {img.get('file_name', r.get('image_id'))}): {problem}; fix or "
+                                 "remove it")
+
+
 class InstanceEvaluator:
     """COCO mask (and box) AP/AR of results against a ground truth (path, dict or ``COCO``)."""
 
     def __init__(self, gt: Any, class_aware: bool = False, max_dets: int = 100, hungarian: bool = False):
         self.gt = load_coco(gt)
+        _check_segmentations(self.gt, self.gt.dataset.get("annotations", []), "ground-truth annotation")
         self.hungarian = bool(hungarian)
         self.class_aware = bool(class_aware) or self.hungarian
         self.max_dets = int(max_dets)
@@ -153,6 +171,7 @@ class InstanceEvaluator:
         from pycocotools.cocoeval import COCOeval
 
         res = match_images(self.gt, results)
+        _check_segmentations(self.gt, res, "prediction")
         out: dict[str, float] = {}
         if not res:
             out.update({k: 0.0 for k in SEGM_KEYS + BOX_KEYS})
