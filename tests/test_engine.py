@@ -4,6 +4,8 @@ parameter groups, config errors."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 import socket
 
 import pytest
@@ -249,3 +251,46 @@ def test_ema_teacher_follows_hand_rolled_ema_and_resumes_bit_identically(tmp_pat
     # the inference loader rebuilds the teacher from the checkpoint
     model = api.load_run(tmp_path / "run", device="cpu").model
     _assert_identical(model.state_dict(), teacher)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_dataloader_workers_die_with_a_killed_parent(tmp_path):
+    """A DataLoader worker (worker_init_fn -> die_with_parent) does not outlive a kill -9 of its
+    parent: the kernel ends it."""
+    import signal
+    import subprocess
+    import time
+
+    code = f"""
+import sys, time, torch
+sys.path[:0] = {sys.path!r}
+from torch.utils.data import DataLoader, Dataset
+from labelwise.engine.data import worker_init_fn
+class Slow(Dataset):
+    def __len__(self): return 1000
+    def __getitem__(self, i):
+        time.sleep(0.05 if i < 2 else 60)  # then busy: PyTorch's own watchdog only looks between items
+        return i
+loader = DataLoader(Slow(), batch_size=None, num_workers=2, worker_init_fn=worker_init_fn)
+it = iter(loader)
+next(it)
+import os
+open({str(tmp_path / 'ready')!r}, 'w').write(' '.join(str(w.pid) for w in it._workers))
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    ready = tmp_path / "ready"
+    for _ in range(200):
+        if ready.exists() and ready.read_text().strip():
+            break
+        time.sleep(0.1)
+    pids = [int(p) for p in ready.read_text().split()]
+    assert len(pids) == 2
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 3
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and
+                                         "zombie" not in open(f"/proc/{p}/status").read() for p in pids):
+        time.sleep(0.1)
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()]
+    assert not alive, alive

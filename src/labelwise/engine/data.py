@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -84,9 +86,28 @@ class SeededDataset(Dataset):
         return self.fn(self.base[index], np.random.default_rng(seed))
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel kill this process when its parent dies (``PR_SET_PDEATHSIG``), so a
+    DataLoader worker does not outlive a ``kill -9`` of the command; elsewhere a no-op (PyTorch's
+    own watchdog still ends the workers, only later)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the call: nothing would signal us
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
 def worker_init_fn(worker_id: int) -> None:
     """Seed python/numpy in each worker from torch's per-worker seed (only matters for code
-    that ignores the per-sample generator)."""
+    that ignores the per-sample generator); the worker dies with its parent."""
+    die_with_parent()
     s = torch.initial_seed() % (2 ** 32)
     random.seed(s)
     np.random.seed(s)

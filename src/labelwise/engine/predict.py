@@ -66,6 +66,12 @@ class _Items(Dataset):
                     "file_name": item_key(self.dataset, i, "file_name")}
 
 
+def _worker_init(worker_id: int) -> None:
+    from labelwise.engine.data import die_with_parent
+
+    die_with_parent()  # a killed `labelwise infer` leaves no decoding workers behind
+
+
 def _identity(x):
     return x
 
@@ -89,6 +95,7 @@ def run_predict(predict_fn: Callable[[dict], list[dict[str, Any]]], dataset, wri
     todo = [i for i in mine if not all(w.done(item_key(dataset, i, w.key)) for w in writers.values())]
     loader = DataLoader(_Items(dataset, todo, transform, skip_bad), batch_size=None, shuffle=False,
                         num_workers=num_workers, collate_fn=_identity,
+                        worker_init_fn=_worker_init if num_workers else None,
                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
     skipped: list[tuple[str, str]] = []
     bar = progress(range(len(todo)), desc=desc, total=len(todo)) if show_progress else None
