@@ -85,8 +85,12 @@ def test_python_dash_m_entry_point(tmp_path):
 
 def test_no_progress_and_device_take_effect(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LABELWISE_NO_PROGRESS", raising=False)
+    monkeypatch.delenv("LABELWISE_PROGRESS", raising=False)
+    assert main(["data", "synth", "cooc", str(tmp_path / "x"), "--train", "2", "--val", "1", "--size", "32"]) == 0
+    assert "synth cooc train" not in capsys.readouterr().err  # stderr is not a terminal: no bars (slurm logs)
+    monkeypatch.setenv("LABELWISE_PROGRESS", "1")
     assert main(["data", "synth", "cooc", str(tmp_path / "a"), "--train", "2", "--val", "1", "--size", "32"]) == 0
-    assert "synth cooc train" in capsys.readouterr().err  # a progress bar by default
+    assert "synth cooc train" in capsys.readouterr().err  # forced on
     monkeypatch.delenv("LABELWISE_NO_PROGRESS", raising=False)
     assert main(["data", "synth", "cooc", str(tmp_path / "b"), "--train", "2", "--val", "1", "--size", "32",
                  "--no-progress"]) == 0

@@ -294,3 +294,26 @@ time.sleep(60)
         time.sleep(0.1)
     alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()]
     assert not alive, alive
+
+
+def test_plain_text_log_beside_the_jsonl_and_resumed_like_it(tmp_path):
+    """RUN_DIR/log.txt: one readable line per logged step (what a cluster user tails), truncated on
+    resume exactly like log.jsonl."""
+    from labelwise.engine.logging import RunLogger
+
+    lg = RunLogger(tmp_path, tensorboard=False, max_steps=30)
+    for step in (10, 20, 30):
+        lg.log({"step": step, "loss": 1.0 / step, "lr": 1e-3})
+    lg.log_eval({"miou": 0.5}, 30)
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert len(lines) == 4 and "train step 10/30" in lines[0] and "loss 0.1" in lines[0] and "lr 1.00e-03" in lines[0]
+    assert "eval step 30/30" in lines[3] and "miou 0.5" in lines[3]
+    lg.truncate_after(20)
+    assert len((tmp_path / "log.txt").read_text().splitlines()) == 2
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(LabelwiseError, match="wandb is not installed"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed here")
+        RunLogger(tmp_path, tensorboard=False, wandb_project="p")

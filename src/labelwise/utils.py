@@ -13,9 +13,22 @@ from labelwise.dist import is_main
 T = TypeVar("T")
 
 
+def progress_enabled() -> bool:
+    """Progress bars: on the main rank, on a terminal (a slurm log stays clean; LABELWISE_PROGRESS=1
+    forces them), never with LABELWISE_NO_PROGRESS=1 / --no-progress."""
+    if not is_main() or os.environ.get("LABELWISE_NO_PROGRESS") == "1":
+        return False
+    if os.environ.get("LABELWISE_PROGRESS") == "1":
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, **kw) -> Iterable[T]:
-    """A tqdm progress bar on the main rank; silent on other ranks or with LABELWISE_NO_PROGRESS=1."""
-    disable = (not is_main()) or os.environ.get("LABELWISE_NO_PROGRESS") == "1"
+    """A tqdm progress bar where :func:`progress_enabled` says so."""
+    disable = not progress_enabled()
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, file=sys.stderr, **kw)
 
 

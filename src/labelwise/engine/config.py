@@ -32,6 +32,8 @@ class TrainConfig:
     num_workers: int = param(0, range=(0, None), help="DataLoader worker processes per rank")
     sync_bn: bool = param(False, help="convert BatchNorm layers to SyncBatchNorm under torchrun (CUDA only)")
     device: str = param("auto", help="auto | cpu | cuda | cuda:N (under torchrun, cuda means cuda:LOCAL_RANK)")
+    wandb_project: str | None = param(None, help="also log to this Weights & Biases project (pip install wandb; "
+                                                 "off when empty)")
 
 
 @dataclass

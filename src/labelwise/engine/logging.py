@@ -1,5 +1,6 @@
-"""Run logging: ``RUN_DIR/log.jsonl`` (one JSON object per logged step) + TensorBoard, and the
-window of loss terms between two log steps (:class:`LossWindow`)."""
+"""Run logging: ``RUN_DIR/log.jsonl`` (one JSON object per logged step), the same as plain text
+lines in ``RUN_DIR/log.txt`` (what a cluster user tails), TensorBoard, optionally Weights & Biases
+(``train.wandb_project``), and the window of loss terms between two log steps (:class:`LossWindow`)."""
 
 from __future__ import annotations
 
@@ -71,13 +72,28 @@ class LossWindow:
         self.steps, self.images = int(state["steps"]), int(state["images"])
 
 
+def text_line(record: dict, prefix: str = "train", max_steps: int | None = None) -> str:
+    """One plain-text log line: ``train step 120/300  loss 0.5120  cls 0.1203 ...  lr 1.20e-03``."""
+    step = int(record.get("step", 0))
+    head = f"{prefix} step {step}" + (f"/{max_steps}" if max_steps else "")
+    parts = []
+    for k, v in record.items():
+        if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        parts.append(f"{k} {v:.2e}" if k.startswith("lr") else f"{k} {v:.4g}")
+    return "  ".join([time.strftime("%Y-%m-%d %H:%M:%S"), head, *parts])
+
+
 class RunLogger:
     """Writes on the main rank only; other ranks get a logger that does nothing."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 max_steps: int | None = None, wandb_project: str | None = None, config: dict | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "log.jsonl"
-        self.tb = None
+        self.text = Path(run_dir) / "log.txt"
+        self.max_steps = max_steps
+        self.tb = self.wandb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -85,40 +101,91 @@ class RunLogger:
                 self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
             except Exception:  # tensorboard not installed / broken: JSONL only
                 self.tb = None
+        if enabled and wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise LabelwiseError("config key 'train.wandb_project' is set but wandb is not installed; "
+                                     "pip install wandb (or leave the key empty)") from None
+            # one W&B run per labelwise run folder: a resumed run continues it
+            self.wandb = wandb.init(project=wandb_project, name=Path(run_dir).name, dir=str(run_dir),
+                                    id=_wandb_id(run_dir), resume="allow", config=config or {})
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint (they will be redone)."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed process
-            if int(rec.get("step", 0)) <= step:
-                keep.append(line)
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        if self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a killed process
+                if int(rec.get("step", 0)) <= step:
+                    keep.append(line)
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        if self.text.is_file():
+            keep = [line for line in self.text.read_text().splitlines() if _text_step(line) <= step]
+            atomic_write_text(self.text, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._text(record, prefix)
+        step = int(record.get("step", 0))
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            step = int(record.get("step", 0))
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
 
     def log_eval(self, metrics: dict, step: int) -> None:
-        if self.enabled and self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"eval/{k}", v, step)
+        if not self.enabled:
+            return
+        scalars = {k: v for k, v in metrics.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._text({"step": step, **scalars}, "eval")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"eval/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in scalars.items()}, step=step)
+
+    def _text(self, record: dict, prefix: str) -> None:
+        with open(self.text, "a") as f:
+            f.write(text_line(record, prefix, self.max_steps) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _text_step(line: str) -> int:
+    """The step of a ``log.txt`` line (0 when it has none: kept on resume)."""
+    parts = line.split()
+    try:
+        return int(parts[parts.index("step") + 1].split("/")[0])
+    except (ValueError, IndexError):
+        return 0
+
+
+def _wandb_id(run_dir: str | Path) -> str:
+    """A W&B run id kept in the run folder, so a resumed labelwise run logs into the same W&B run."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import uuid
+
+    rid = uuid.uuid4().hex[:12]
+    atomic_write_text(path, rid + "\n")
+    return rid

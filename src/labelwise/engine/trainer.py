@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from labelwise import dist
+from labelwise.config import to_dict
 from labelwise.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, load_module_state, restore_rng,
                                         save_checkpoint)
 from labelwise.engine.data import ShardedSampler, batch_len, to_device, worker_init_fn
@@ -142,7 +143,8 @@ class Trainer:
                                  num_workers=tcfg.num_workers, collate_fn=method.collate, drop_last=True,
                                  worker_init_fn=worker_init_fn, generator=gen,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False)
-        self.logger = RunLogger(self.run_dir, enabled=dist.is_main())
+        self.logger = RunLogger(self.run_dir, enabled=dist.is_main(), max_steps=self.max_steps,
+                                wandb_project=tcfg.wandb_project, config=to_dict(self.cfg))
         self.window = LossWindow()
         self._resume()
         if self.step == 0:
