@@ -44,3 +44,35 @@ def test_torchrun_two_ranks_cpu(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2]
     assert "val_miou" in json.loads((tmp_path / "run/metrics.json").read_text())["final"]
+
+
+def test_preset_follows_the_dataset_and_never_silently_the_cpu_one(tmp_path, capsys):
+    """Without --preset: a synthetic testbed trains the cpu preset, a voc: dataset the method's voc
+    preset, a folder: dataset stops with one line listing the presets; the choice is printed and
+    recorded in run.json."""
+    import json
+    import shutil
+
+    from labelwise.data.synth import generate
+    from labelwise.engine.api import choose_preset
+    from labelwise.engine.registry import get_method
+
+    tb = generate("cooc", tmp_path / "tb", n_train=4, n_val=2, size=32, seed=0)
+    real = tmp_path / "VOC2012"
+    shutil.copytree(tb, real)
+    (real / "meta.json").unlink()  # a real VOC tree has no testbed metadata
+    seco = get_method("seco")
+    assert choose_preset(seco, f"voc:{tb}") == ("cpu", "the cooc synthetic testbed")
+    assert choose_preset(seco, f"voc:{real}")[0] == "voc"
+    assert choose_preset(seco, f"vocaug:{real}")[0] == "voc"
+    assert choose_preset(get_method("oap"), f"coco:{real}")[0] == "coco"
+    assert choose_preset(seco, f"voc:{real}", "cpu") == ("cpu", "--preset")
+    capsys.readouterr()
+    assert main(["train", "seco", "--data", f"folder:{real / 'JPEGImages'}", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--preset is needed" in err and "coco, cpu, voc" in err
+    assert main(["train", "cam", "--data", f"voc:{tb}", "--out", str(tmp_path / "run"), "--steps", "1", "--set",
+                 "model.pretrained=false", "data.crop_size=32", "train.batch_size=2", "train.eval_at_end=false",
+                 "--no-progress"]) == 0
+    assert "cam preset 'cpu' (the cooc synthetic testbed)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["preset"] == "cpu"

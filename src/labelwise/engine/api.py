@@ -60,6 +60,38 @@ def length_overrides(steps: int | None = None, epochs: int | None = None) -> lis
     return []
 
 
+# the preset a dataset family trains with when --preset is not given (if the method has it)
+FAMILY_PRESETS = {"voc": "voc", "vocaug": "voc", "coco": "coco", "coco-wsss": "coco",
+                  "partimagenet": "partimagenet", "pascalpart": "pascalpart"}
+
+
+def choose_preset(method, spec: str, preset: str | None = None) -> tuple[str, str]:
+    """``(preset, why)`` for a new run. An explicit ``preset`` wins. Otherwise a synthetic testbed
+    (``labelwise data synth``) takes ``cpu``, a dataset of a known family the method's preset for
+    it (``voc:`` -> ``voc``, ``coco:`` -> ``coco``, ...); anything else stops with one line
+    listing the presets -- a real dataset never trains the small CPU setting silently."""
+    presets = method.presets()
+    if preset is not None:
+        return preset, "--preset"
+    if len(presets) == 1:
+        return presets[0], "the method's only preset"
+    from labelwise.data.spec import available_formats
+    from labelwise.data.synth.common import read_meta
+
+    fmt, _, rest = str(spec).partition(":")
+    fmt = fmt.strip().lower()
+    path = Path(rest).expanduser()
+    meta = read_meta(path) if fmt in available_formats() and path.is_dir() else None
+    if meta is not None and meta.get("kind") and DEFAULT_PRESET in presets:
+        return DEFAULT_PRESET, f"the {meta['kind']} synthetic testbed"
+    family = FAMILY_PRESETS.get(fmt)
+    if family in presets:
+        return family, f"the {fmt}: dataset family"
+    raise LabelwiseError(f"--preset is needed: {spec} is not a synthetic testbed and method '{method.name}' has no "
+                         f"preset for {fmt}: data; pass --preset NAME with NAME one of {', '.join(presets)} "
+                         f"({DEFAULT_PRESET} = the small 2-core CPU setting made for the synthetic testbeds)")
+
+
 def resolve_method_config(method, preset: str | None = None, config_files: Iterable = (),
                           overrides: Iterable[str] = (), steps: int | None = None, epochs: int | None = None):
     """Defaults <- preset YAML <- ``--config`` files <- ``--set`` <- ``--steps`` / ``--epochs``."""
@@ -162,15 +194,17 @@ def prepare_run(method_name: str, data: str, out: str | Path, *, preset: str | N
         raise LabelwiseError(f"--out {out} is a file; pass a folder")
     if out.is_dir() and not saved_cfg_path.is_file() and latest_checkpoint(out) is not None:
         raise LabelwiseError(f"{out} has checkpoints but no config.yaml; delete it or pass a new --out")
+    preset, why = choose_preset(method, spec, preset)
     cfg = resolve_method_config(method, preset, config_files, overrides, steps, epochs)
     info = method.dataset_info(cfg, spec)
     if dist.is_main():
+        print(f"labelwise: {method.name} preset '{preset}' ({why})", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved_cfg_path)
         atomic_write_json(out / "info.json", dataclasses.asdict(info))
         from labelwise import __version__
 
-        atomic_write_json(out / "run.json", {"method": method.name, "preset": preset or DEFAULT_PRESET,
+        atomic_write_json(out / "run.json", {"method": method.name, "preset": preset,
                                              "data": spec, "inputs": inputs, "world_size": dist.get_world_size(),
                                              "labelwise": __version__})
     dist.barrier()
