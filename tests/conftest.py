@@ -7,6 +7,8 @@ os.environ.setdefault("LABELWISE_NO_PROGRESS", "1")
 # derived-tag caches of the tests' datasets stay out of the user's ~/.cache
 os.environ.setdefault("LABELWISE_CACHE", tempfile.mkdtemp(prefix="labelwise-test-cache-"))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# no hub downloads in tests (CI has no network to the model hubs): a missing file fails fast
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 

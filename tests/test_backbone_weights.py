@@ -176,8 +176,14 @@ def test_official_convnext_layout(tmp_path):
 def test_pretrained_needs_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(LabelwiseError, match="--weights PATH"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # offline and not cached: one line naming the key to set and the file it expects
+    with pytest.raises(LabelwiseError, match="could not be downloaded .* set model.weights=PATH"):
         create_backbone("vit_tiny_test", depth=2, pretrained=True)
+    with pytest.raises(LabelwiseError, match="set model.vit_weights=PATH to a local file: DeiT's deit_small"):
+        create_backbone("deit_small_patch16", depth=1, pretrained=True, weights_key="model.vit_weights")
+    with pytest.raises(LabelwiseError, match="Invalid pretrained tag"):
+        create_backbone("vit_tiny_patch16_224.nosuchtag", depth=1)
     # a file in the Hugging Face cache layout is found and loaded, no network involved
     from safetensors.torch import save_file
 

@@ -1,6 +1,7 @@
 """Pseudo-mask generation: records, sharding + resume, skipped report, k-means, CLI errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -182,7 +183,8 @@ def test_upsample_masks_bilinear_threshold():
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "labelwise", "pseudo-masks", *args], capture_output=True, text=True,
-                          env={"LABELWISE_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin"}, timeout=120)
+                          env={"LABELWISE_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}, timeout=120)
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -193,7 +195,12 @@ def test_cli_errors_are_one_line(tmp_path):
         (["oap", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o.json")], "no images"),
         (["oap", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json"), "--backbone", "resnet5O"],
          "unknown backbone"),
-        (["maskcut", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json")], "needs --weights"),
+        (["maskcut", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json")],
+         "could not be downloaded"),  # offline, DINO ViT-B/8 not cached: names --weights and the file
+        (["maskcut", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json")],
+         "pass --weights PATH to a local file: DINO's dino_vitbase8_pretrain.pth"),
+        (["oap", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json"), "--backbone",
+          "vit_base_patch16_224.nosuchtag"], "Invalid pretrained tag"),
         (["oap", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json"), "--set", "thresholdz=1"],
          "did you mean"),
         (["oap", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.json"), "--set", "thresholds=[0.5]"],

@@ -90,15 +90,13 @@ class FeatureExtractor:
         from labelwise.modeling.backbones.registry import resolve_name
 
         resolve_name(backbone)                              # unknown name -> one-line error
-        if weights is None and not random_init and backbone.startswith("dino_"):
-            raise LabelwiseError(f"backbone '{backbone}' needs --weights PATH (a DINO checkpoint such as "
-                                 "dino_vitbase8_pretrain.pth); or use --backbone efficientnet_lite0, whose "
-                                 "ImageNet weights ship with labelwise")
         self.name = backbone
         self.device = torch.device(device)
         self.resolution = int(resolution)
         self.grid = grid
-        self.bb = create_backbone(backbone, pretrained=(weights is None and not random_init), weights=weights)
+        # the same names and files as `train`: the local hub cache, a download when online, or --weights
+        self.bb = create_backbone(backbone, pretrained=(weights is None and not random_init), weights=weights,
+                                  weights_key="--weights")
         self.bb.eval().to(self.device)
 
     def resize(self, image: np.ndarray) -> torch.Tensor:

@@ -12,7 +12,7 @@ from labelwise.errors import LabelwiseError
 @dataclass
 class CAMModelConfig:
     backbone: str = param("efficientnet_lite0", help="backbone alias or timm name (CNN or ViT)")
-    pretrained: bool = param(True, help="load the backbone's local pretrained weights (no download)")
+    pretrained: bool = param(True, help="load the backbone's pretrained weights (the local hub cache, else downloaded as timm does)")
     weights: str | None = param(None, path=True, help="path to a backbone checkpoint (overrides pretrained)")
     feature_strides: list[int] = param([16, 32], choices=(4, 8, 16, 32),
                                        help="CNN: feature levels concatenated (upsampled to the finest) for the CAM; "

@@ -20,7 +20,7 @@ SOURCES = ("auto", "cnn", "vit", "fuse", "mean", "max")
 @dataclass
 class CoBraModelConfig:
     cnn: str = param("resnet50", help="CAK branch: CNN backbone (alias or timm name)")
-    cnn_pretrained: bool = param(True, help="load the CNN's local pretrained weights (no download)")
+    cnn_pretrained: bool = param(True, help="load the CNN's pretrained weights (the local hub cache, else downloaded as timm does)")
     cnn_weights: str | None = param(None, path=True, help="path to a CNN checkpoint (overrides cnn_pretrained)")
     cnn_timm_kwargs: dict = param(default_factory=lambda: {"output_stride": 16},
                                   help="extra timm arguments of the CNN; output_stride 16 = ResNet strides (2,2,2,1) "
@@ -30,7 +30,7 @@ class CoBraModelConfig:
                                         "CAP; empty = the CNN's final map (ResNet layer4)")
     cnn_frozen_bn: bool = param(True, help="CNN BatchNorm in eval mode with frozen affine (as IRN / the release)")
     vit: str = param("deit_small_patch16", help="SAK branch: ViT with a class token (alias or timm name)")
-    vit_pretrained: bool = param(True, help="load the ViT's local pretrained weights (no download)")
+    vit_pretrained: bool = param(True, help="load the ViT's pretrained weights (the local hub cache, else downloaded as timm does)")
     vit_weights: str | None = param(None, path=True, help="path to a ViT checkpoint in timm / DeiT layout")
     vit_timm_kwargs: dict = param(default_factory=dict,
                                   help="extra timm arguments of the ViT, e.g. {patch_size: 8, embed_dim: 192, "

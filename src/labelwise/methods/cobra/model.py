@@ -46,7 +46,8 @@ class ClassAwareBranch(nn.Module):
         from labelwise.modeling.backbones import create_backbone
 
         self.backbone = create_backbone(backbone, pretrained=pretrained and not weights, weights=weights,
-                                        strides=sorted(set(strides)) or None, **dict(timm_kwargs or {}))
+                                        strides=sorted(set(strides)) or None, weights_key="model.cnn_weights",
+                                        **dict(timm_kwargs or {}))
         if self.backbone.is_vit:
             raise LabelwiseError(f"config key 'model.cnn' = {backbone!r} is a ViT; the CAK branch is a CNN "
                                  "(e.g. resnet50, efficientnet_lite0)")
@@ -91,7 +92,7 @@ class SemanticAwareBranch(nn.Module):
         from labelwise.modeling.backbones import create_backbone
 
         self.backbone = create_backbone(backbone, pretrained=pretrained and not weights, weights=weights,
-                                        **dict(timm_kwargs or {}))
+                                        weights_key="model.vit_weights", **dict(timm_kwargs or {}))
         if not self.backbone.is_vit or getattr(self.backbone.model, "cls_token", None) is None:
             raise LabelwiseError(f"config key 'model.vit' = {backbone!r}: the SAK branch needs a ViT with a class "
                                  "token (e.g. deit_small_patch16)")

@@ -17,7 +17,7 @@ from labelwise.errors import LabelwiseError
 @dataclass
 class IRNModelConfig:
     backbone: str = param("resnet50", help="CNN backbone alias or timm name (frozen: only the branches train)")
-    pretrained: bool = param(True, help="load the backbone's local pretrained weights (no download)")
+    pretrained: bool = param(True, help="load the backbone's pretrained weights (the local hub cache, else downloaded as timm does)")
     weights: str | None = param(None, path=True, help="path to a backbone checkpoint (overrides pretrained)")
     feature_strides: list[int] = param([4, 8, 16], choices=(4, 8, 16, 32),
                                        help="backbone levels the branches read (with output_stride 16 a ResNet "

@@ -39,7 +39,7 @@ class Mask2FormerNetConfig:
 class KMaXModelConfig:
     backbone: str = param("resnet50", help="backbone alias or timm name (ResNet-50 / ConvNeXt-T in the paper; "
                                            "efficientnet_lite0 has shipped weights)")
-    pretrained: bool = param(True, help="load the backbone's local pretrained weights (no download)")
+    pretrained: bool = param(True, help="load the backbone's pretrained weights (the local hub cache, else downloaded as timm does)")
     weights: str | None = param(None, path=True, help="path to a backbone checkpoint (overrides pretrained)")
     drop_path: float = param(0.0, range=(0.0, 1.0), help="stochastic depth of the backbone (CoCal: drop path)")
     timm_kwargs: dict = param(default_factory=dict, help="extra timm constructor arguments")

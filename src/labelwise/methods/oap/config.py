@@ -19,7 +19,7 @@ from labelwise.pseudo.oap.pooling import OAPConfig
 class OAPModelConfig:
     backbone: str = param("dino_vitb8", help="encoder: a ViT (wrapped in ViT-Adapter, OAP Sec. 4.3) or a CNN "
                                              "(its feature map at model.key_stride replaces the keys)")
-    pretrained: bool = param(True, help="load the backbone's local pretrained weights (no download)")
+    pretrained: bool = param(True, help="load the backbone's pretrained weights (the local hub cache, else downloaded as timm does)")
     weights: str | None = param(None, path=True, help="path to a backbone checkpoint (overrides pretrained)")
     timm_kwargs: dict = param(default_factory=dict, help="extra timm constructor arguments (e.g. a small ViT)")
     adapter: bool = param(True, help="ViT only: ViT-Adapter multi-scale branch with zero-initialised injectors "

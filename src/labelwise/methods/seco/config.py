@@ -17,7 +17,7 @@ from labelwise.errors import LabelwiseError
 @dataclass
 class SeCoModelConfig:
     backbone: str = param("vit_base_patch16", help="ViT with a class token (alias or timm name)")
-    pretrained: bool = param(True, help="load the backbone's local pretrained weights (no download)")
+    pretrained: bool = param(True, help="load the backbone's pretrained weights (the local hub cache, else downloaded as timm does)")
     weights: str | None = param(None, path=True, help="path to a backbone checkpoint (overrides pretrained)")
     timm_kwargs: dict = param(default_factory=dict,
                               help="extra timm constructor arguments, e.g. {depth: 6, embed_dim: 192, num_heads: 3, "

@@ -12,7 +12,7 @@ from labelwise.errors import LabelwiseError
 @dataclass
 class SegmenterModelConfig:
     backbone: str = param("resnet101", help="backbone alias or timm name (CNN or ViT)")
-    pretrained: bool = param(True, help="load the backbone's local pretrained weights (no download)")
+    pretrained: bool = param(True, help="load the backbone's pretrained weights (the local hub cache, else downloaded as timm does)")
     weights: str | None = param(None, path=True, help="path to a backbone checkpoint (overrides pretrained)")
     output_stride: int = param(16, choices=(8, 16, 32),
                                help="encoder output stride (CNN: timm dilation; DeepLabV3+ Table 3 'train OS')")

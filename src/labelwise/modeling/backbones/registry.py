@@ -40,22 +40,33 @@ class BackboneSpec:
     mean: tuple[float, float, float] | None = None  # None: take timm's pretrained_cfg
     std: tuple[float, float, float] | None = None
     description: str = ""
+    weights_hint: str = ""  # the file a user points model.weights at when nothing can be downloaded
 
 
 ALIASES: dict[str, BackboneSpec] = {
     "vit_small_patch16": BackboneSpec("vit_small_patch16_224.augreg_in21k_ft_in1k", description="ViT-S/16"),
     "vit_base_patch16": BackboneSpec("vit_base_patch16_224.augreg2_in21k_ft_in1k", description="ViT-B/16"),
-    "vit_small_patch8": BackboneSpec("vit_small_patch8_224.dino", description="ViT-S/8 (DINO layout)"),
+    "vit_small_patch8": BackboneSpec("vit_small_patch8_224.dino", description="ViT-S/8 (DINO layout)",
+                                     weights_hint="DINO's dino_deitsmall8_pretrain.pth"),
     "vit_base_patch8": BackboneSpec("vit_base_patch8_224.augreg2_in21k_ft_in1k", description="ViT-B/8"),
-    "dino_vits8": BackboneSpec("vit_small_patch8_224.dino", description="DINO ViT-S/8"),
-    "dino_vits16": BackboneSpec("vit_small_patch16_224.dino", description="DINO ViT-S/16"),
-    "dino_vitb8": BackboneSpec("vit_base_patch8_224.dino", description="DINO ViT-B/8"),
-    "dino_vitb16": BackboneSpec("vit_base_patch16_224.dino", description="DINO ViT-B/16"),
-    "deit_small_patch16": BackboneSpec("deit_small_patch16_224.fb_in1k", description="DeiT-S/16"),
+    "dino_vits8": BackboneSpec("vit_small_patch8_224.dino", description="DINO ViT-S/8",
+                               weights_hint="DINO's dino_deitsmall8_pretrain.pth"),
+    "dino_vits16": BackboneSpec("vit_small_patch16_224.dino", description="DINO ViT-S/16",
+                                weights_hint="DINO's dino_deitsmall16_pretrain.pth"),
+    "dino_vitb8": BackboneSpec("vit_base_patch8_224.dino", description="DINO ViT-B/8",
+                               weights_hint="DINO's dino_vitbase8_pretrain.pth"),
+    "dino_vitb16": BackboneSpec("vit_base_patch16_224.dino", description="DINO ViT-B/16",
+                                weights_hint="DINO's dino_vitbase16_pretrain.pth"),
+    "deit_small_patch16": BackboneSpec("deit_small_patch16_224.fb_in1k", description="DeiT-S/16",
+                                       weights_hint="DeiT's deit_small_patch16_224-cd65a155.pth"),
     "vit_small_patch14": BackboneSpec("vit_small_patch14_dinov2.lvd142m", description="DINOv2 ViT-S/14"),
-    "resnet50": BackboneSpec("resnet50", mean=IMAGENET_MEAN, std=IMAGENET_STD, description="ResNet-50"),
-    "resnet101": BackboneSpec("resnet101", mean=IMAGENET_MEAN, std=IMAGENET_STD, description="ResNet-101"),
-    "resnet152": BackboneSpec("resnet152", mean=IMAGENET_MEAN, std=IMAGENET_STD, description="ResNet-152"),
+    # torchvision's ImageNet weights (timm's tv_in1k tags), the ones the WSSS papers (IRN, CoBra) start from
+    "resnet50": BackboneSpec("resnet50.tv_in1k", mean=IMAGENET_MEAN, std=IMAGENET_STD, description="ResNet-50",
+                             weights_hint="torchvision's resnet50-19c8e357.pth (IMAGENET1K_V1)"),
+    "resnet101": BackboneSpec("resnet101.tv_in1k", mean=IMAGENET_MEAN, std=IMAGENET_STD, description="ResNet-101",
+                              weights_hint="torchvision's resnet101-5d3b4d8f.pth (IMAGENET1K_V1)"),
+    "resnet152": BackboneSpec("resnet152.tv_in1k", mean=IMAGENET_MEAN, std=IMAGENET_STD, description="ResNet-152",
+                              weights_hint="torchvision's resnet152-b121ed2d.pth (IMAGENET1K_V1)"),
     "convnext_tiny": BackboneSpec("convnext_tiny", mean=IMAGENET_MEAN, std=IMAGENET_STD, description="ConvNeXt-T"),
     "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0",
                                        description="EfficientNet-Lite0 (ImageNet weights shipped)"),

