@@ -317,3 +317,23 @@ def test_plain_text_log_beside_the_jsonl_and_resumed_like_it(tmp_path):
         if importlib.util.find_spec("wandb") is not None:
             pytest.skip("wandb is installed here")
         RunLogger(tmp_path, tensorboard=False, wandb_project="p")
+
+
+def test_ddp_starts_without_the_broadcast_buffers_deprecation_warning(tmp_path):
+    """DistributedDataParallel gets the option name this torch knows (forward_sync_buffers when it
+    exists), so every torchrun start is free of the FutureWarning; a False keeps the old name."""
+    import warnings
+
+    import torch.distributed as tdist
+
+    from labelwise.engine.trainer import _ddp_kwargs
+
+    assert _ddp_kwargs({"broadcast_buffers": False}) == {"broadcast_buffers": False}
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2), **_ddp_kwargs(
+                {"find_unused_parameters": False, "broadcast_buffers": True, "static_graph": False}))
+    finally:
+        tdist.destroy_process_group()

@@ -322,3 +322,22 @@ def test_ground_truth_targets_control_replaces_oap_masks_in_the_teacher_frame():
     assert torch.allclose(a.logits, b.logits)
     with pytest.raises(Exception, match="targets=ground_truth needs"):
         _ground_truth_maps({"image": img, "mask": None}, (0, 0, 64, 64), 32, flip=False)
+
+
+def test_a_run_trained_on_a_folder_infers_on_a_labelled_dataset(tmp_path, monkeypatch):
+    """OAP trains without labels (folder: has no class list), so its run infers on any dataset --
+    e.g. the COCO val split it is then scored against."""
+    import json
+
+    from labelwise.data.synth import generate, testbed_spec
+    from labelwise.engine import api
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    root = generate("objects", tmp_path / "tb", n_train=4, n_val=2, size=96, seed=0)
+    over = ["train.batch_size=2", "train.eval_at_end=false", "model.pretrained=false", "oap.global_size=96",
+            "oap.local_size=48", "loss.num_points=256", "loss.match_points=256", "infer.size=96"]
+    run = api.train("oap", f"folder:{root / 'images' / 'train'}", tmp_path / "run", preset="cpu", overrides=over,
+                    steps=1, show_progress=False)
+    out = api.infer(run, testbed_spec("objects", root), "val", tmp_path / "pred", what="universal",
+                    show_progress=False)
+    assert json.loads((out / "universal.json").read_text())

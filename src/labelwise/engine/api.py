@@ -353,7 +353,7 @@ def infer(run_dir: str | Path, data: str, split: str, out: str | Path, what: str
     method, cfg, info = loaded.method, loaded.cfg, loaded.info
     whats = parse_what(what, method)
     ds = build_dataset(normalise_spec(data), split)
-    if ds.num_classes > 1 and ds.num_classes != info.num_classes:  # a plain folder has no class list
+    if ds.num_classes > 1 and ds.num_classes != info.num_classes and not method.label_free:  # folder: no class list
         raise LabelwiseError(f"{data} has {ds.num_classes} classes but the run was trained with "
                              f"{info.num_classes}; pass a dataset with the same class list")
     seeds = _inference_seeds(method, cfg, run_dir, normalise_spec(data), split, seeds)

@@ -149,6 +149,9 @@ class Method:
     # Whether ``predict`` reads each image's CAM seeds (``item["seeds"]``): ``labelwise infer
     # --seeds SEED_DIR``, by default the run's own ``--seeds`` folder on its training split.
     needs_seeds: bool = False
+    # Whether inference ignores the dataset's classes (a method trained without labels, e.g. OAP):
+    # then ``labelwise infer`` runs on any dataset, whatever its class list.
+    label_free: bool = False
     # Config keys outside ``infer.*`` that only change inference and so may be changed by
     # ``labelwise infer --set`` (e.g. CoCal's ``cocal.path_inference``).
     inference_keys: tuple[str, ...] = ()

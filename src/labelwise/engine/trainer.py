@@ -54,6 +54,20 @@ from labelwise.utils import progress, resolve_device
 DDP_OPTIONS = ("find_unused_parameters", "broadcast_buffers", "static_graph", "gradient_as_bucket_view")
 
 
+def _ddp_kwargs(opts: dict) -> dict:
+    """Newer torch renames ``broadcast_buffers=True`` to ``forward_sync_buffers=True`` (and warns on
+    the old name at every start); pass whichever this torch knows. ``False`` keeps the old name:
+    ``forward_sync_buffers=False`` would still sync buffers at init."""
+    import inspect
+
+    opts = dict(opts)
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params and opts.get("broadcast_buffers", True) is True:
+        opts.pop("broadcast_buffers", None)
+        opts["forward_sync_buffers"] = True
+    return opts
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -157,7 +171,7 @@ class Trainer:
                 raise ValueError(f"method '{method.name}' ddp_options has unknown keys {unknown}; "
                                  f"valid: {', '.join(DDP_OPTIONS)}")
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, **opts)
+            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, **_ddp_kwargs(opts))
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.run_dir)

@@ -123,6 +123,7 @@ class OAPMethod(Method):
     outputs = {"universal": "universal", "pseudo": "clustered_masks"}
     uses_ema = True
     testbed = "objects"
+    label_free = True  # trained without labels: infers on any dataset (its clusters are not its classes)
 
     def __init__(self):
         self._center_logits = None
