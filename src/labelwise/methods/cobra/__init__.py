@@ -1,6 +1,6 @@
 """CoBra: "Complementary Branch Fusing Class and Semantic Knowledge for Robust Weakly Supervised
 Semantic Segmentation" (Han et al.), WSSS from image-level tags with a CNN and a ViT branch.
-Paper: ``../shared/papers/cobra-complementary-branch-wsss.txt``.
+Paper: Han et al., arXiv:2403.08801 (``docs/release-settings.md``).
 
 Read in the paper's order:
 
@@ -69,7 +69,7 @@ Where the paper is loose and what was chosen (each is config):
   P_i^+ / P_i^-: top / bottom of row i of the patch affinity, i itself excluded.
 * k defaults: k_sap^+ = 20, k_sap^- = 5, k_cap^+ = 5, k_cap^- = 20, the best cell of Tables 4 / 10
   as the text states it. The release ranks the contrast it calls CAP by the CNN CAM and SAP by the
-  ViT affinity (method-notes.md): the same two one-way flows under swapped names.
+  ViT affinity (docs/release-settings.md): the same two one-way flows under swapped names.
 * The attention-derived background (supplement Secs. 9.1 / 11). Sec. 9.1 uses it for one thing:
   the thresholds of IRN's IR labels ("we utilized this approach to set the background and
   foreground thresholds for training IRNet"), background from the semantic-agnostic attention

@@ -1,7 +1,7 @@
 """Config of ``cobra`` (``BaseConfig`` + ``model`` / ``loss`` / ``cobra`` / ``infer``).
 
 Defaults are the paper's VOC settings and, where the paper is silent, the authors' release
-(``../shared/docs/method-notes.md``); the ``voc``, ``coco`` and ``cpu`` presets override them.
+(``docs/release-settings.md``); the ``voc``, ``coco`` and ``cpu`` presets override them.
 The switches of Table 3 are ``cobra.cnn``, ``cobra.vit``, ``cobra.l_cam``, ``cobra.l_cap`` and
 ``cobra.l_sap``; Table 5's seed sources are ``infer.source``.
 """

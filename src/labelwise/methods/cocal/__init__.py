@@ -1,6 +1,6 @@
 """CoCal: "Interpretable and Consistent Object Parsing via Dictionary Components, Contrastive
 Calibration and Logical Constraints" -- ``labelwise train cocal``. Paper:
-``../shared/papers/cocal-dictionary-part-parsing.txt`` (Sec. 2, Eqs. 1-7, supplement Sec. 6).
+*Dictionary-based Framework for Interpretable and Consistent Object Parsing* (``docs/release-settings.md``) (Sec. 2, Eqs. 1-7, supplement Sec. 6).
 
 =========================================  ====================================================
 paper                                      code

@@ -6,7 +6,7 @@
 kMaX's losses for Mask2Former's (``loss.mask2former.*``): CoCal's Table 5.
 
 Defaults follow kMaX-DeepLab's official PyTorch port as used by CoCal
-(``../shared/docs/method-notes.md``): pixel decoder + k-means transformer decoder with [2, 2, 2]
+(``docs/release-settings.md``): pixel decoder + k-means transformer decoder with [2, 2, 2]
 layers on strides 32 / 16 / 8, loss weights class 3.0, dice 3.0, mask 0.3, instance
 discrimination 1.0, auxiliary semantic 1.0, focal alpha 0.75 gamma 0, AdamW wd 0.05, backbone
 lr x 0.1. The presets (``partimagenet``, ``pascalpart``, ``cpu``) set the rest.

@@ -1,6 +1,6 @@
 """OAP: "Online Agglomerative Pooling for Scalable Self-Supervised Universal Segmentation" —
-online training: ``labelwise train oap``. Paper: ``../shared/papers/oap-online-agglomerative-pooling.txt``
-(Sec. 4.1-4.3, 5.1; settings read from the release in ``../shared/docs/method-notes.md``).
+online training: ``labelwise train oap``. Paper: *Online Agglomerative Pooling for Scalable Self-Supervised Universal Segmentation* (``docs/release-settings.md``)
+(Sec. 4.1-4.3, 5.1; settings read from the release in ``docs/release-settings.md``).
 
 =========================================  ====================================================
 paper                                      code

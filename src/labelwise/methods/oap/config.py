@@ -1,6 +1,6 @@
 """Config of ``oap`` (``BaseConfig`` + ``model`` / ``loss`` / ``oap`` / ``pooling`` / ``infer``).
 
-Defaults are the paper's COCO settings (``../shared/docs/method-notes.md``: ViT-B/8 DINO, 448 px,
+Defaults are the paper's COCO settings (``docs/release-settings.md``: ViT-B/8 DINO, 448 px,
 50 semantic + 150 instance queries, K = 512, Mask2Former decoder with 9 layers, teacher momentum
 cosine 0.996 -> 1); the ``coco`` and ``cpu`` presets override them.
 """

@@ -1,6 +1,6 @@
 """SeCo: "Separate and Conquer: Decoupling Co-occurrence via Decomposition and Representation
 for Weakly Supervised Semantic Segmentation" (Yang et al., CVPR 2024), single-stage WSSS from
-image-level tags. Paper: ``../shared/papers/seco-separate-and-conquer-wsss.txt``.
+image-level tags. Paper: Yang et al., CVPR 2024, arXiv:2402.18467 (``docs/release-settings.md``).
 
 Read in the paper's order:
 
@@ -39,7 +39,7 @@ Ablation (Table 2): ``seco.lig``, ``seco.lil``, ``seco.rectify``; all false is t
 decomposition, prototypes, reservoir or rectification). ``recipes/seco-ablation.yaml`` runs the
 five rows.
 
-Where the paper is silent or differs from the authors' release (``method-notes.md``):
+Where the paper is silent or differs from the authors' release (``docs/release-settings.md``):
 
 * staging by step (release): cls + cls_aux + ptc from the start, + LiG/LiL from
   ``loss.stage_contrast``, + seg/reg from ``loss.stage_seg``; prototypes from ``seco.proto_start``;

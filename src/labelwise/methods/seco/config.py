@@ -1,7 +1,7 @@
 """Config of ``seco`` (``BaseConfig`` + ``model`` / ``loss`` / ``seco`` / ``infer``).
 
 Defaults are the paper's VOC settings and, where the paper is silent, the authors' release
-(``../shared/docs/method-notes.md``); the ``voc``, ``coco`` and ``cpu`` presets override them.
+(``docs/release-settings.md``); the ``voc``, ``coco`` and ``cpu`` presets override them.
 The three ablation switches of Table 2 are ``seco.lig``, ``seco.lil`` and ``seco.rectify``.
 """
 
