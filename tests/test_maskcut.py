@@ -265,3 +265,22 @@ def test_maskcut_crf_unary_is_the_released_softmax(monkeypatch):
     assert (seen["iters"], seen["pos_xy"], seen["pos_w"], seen["bi_xy"], seen["bi_rgb"], seen["bi_w"]) == \
         (10, 3.0, 7.0, 50.0, 5.0, 10.0)
     assert keep.all() and np.array_equal(masks[0], m)
+
+
+def test_maskcut_says_when_it_runs_without_the_release_crf(monkeypatch):
+    """crf=None follows what is installed; without pydensecrf2 it warns in one line instead of
+    dropping the release's CRF silently; crf=true stops, crf=false is quiet."""
+    import warnings
+
+    import labelwise.blocks.crf as crf
+    from labelwise.errors import LabelwiseError
+    from labelwise.pseudo.maskcut import _resolve_crf
+
+    monkeypatch.setattr(crf, "crf_available", lambda: False)
+    with pytest.warns(UserWarning, match="pydensecrf2 is not installed"):
+        assert _resolve_crf(None) is False
+    with pytest.raises(LabelwiseError, match="maskcut.crf=true needs pydensecrf2"):
+        _resolve_crf(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _resolve_crf(False) is False

@@ -86,6 +86,12 @@ def _resolve_crf(requested: bool | None) -> bool:
     if requested:
         raise LabelwiseError("maskcut.crf=true needs pydensecrf2: pip install pydensecrf2 "
                              "(or set maskcut.crf=false)")
+    import warnings
+
+    # the default follows what is installed; say so rather than drop the release's CRF silently
+    warnings.warn("maskcut: pydensecrf2 is not installed, so the masks skip the release's dense CRF "
+                  "(pip install pydensecrf2 -- it builds from source, about a minute, needs g++; or set "
+                  "maskcut.crf=false to silence this)", stacklevel=2)
     return False
 
 
