@@ -96,3 +96,78 @@ def test_check_accepts_generated_testbeds(tmp_path, capsys, kind, fmt):
     assert main(["data", "synth", kind, str(out), "--train", "3", "--val", "2", "--size", "48"]) == 0
     for split in ("train", "val"):
         assert main(["data", "check", f"{fmt}:{out}", "--split", split]) == 0, capsys.readouterr()
+
+
+def _mini_voc_and_sbd(tmp_path):
+    """A miniature VOC 2012 folder and SBD benchmark_RELEASE with .mat labels in the official
+    structure (struct GTcls with Segmentation / Boundaries / CategoriesPresent)."""
+    from scipy.io import savemat
+
+    from labelwise.io import write_image, write_label
+
+    rng = np.random.default_rng(0)
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    sbd = tmp_path / "benchmark_RELEASE" / "dataset"
+    for d in ("cls", "img"):
+        (sbd / d).mkdir(parents=True)
+
+    def label(cls):
+        lab = np.zeros((40, 48), np.uint8)
+        lab[8:30, 10:40] = cls
+        lab[30, 10:40] = 255
+        return lab
+
+    voc_ids, sbd_ids = [f"2008_00000{i}" for i in range(6)], [f"2008_00000{i}" for i in range(3, 9)]
+    cells = np.empty((20, 1), dtype=object)  # a MATLAB cell array: one boundary map per class
+    for r in range(20):
+        cells[r, 0] = np.zeros((40, 48), np.uint8)
+    for k, i in enumerate(voc_ids):
+        write_image(voc / "JPEGImages" / f"{i}.jpg", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        write_label(voc / "SegmentationClass" / f"{i}.png", label(1 + k % 20))
+    for k, i in enumerate(sbd_ids):
+        write_image(sbd / "img" / f"{i}.jpg", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        seg = label(1 + (k + 5) % 20)
+        seg[seg == 255] = 0  # SBD has no ignore band
+        savemat(sbd / "cls" / f"{i}.mat", {"GTcls": {"Segmentation": seg, "Boundaries": cells,
+                                                     "CategoriesPresent": np.unique(seg[seg > 0])}})
+    (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(voc_ids[:4]) + "\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(voc_ids[4:]) + "\n")
+    (sbd / "train.txt").write_text("\n".join(sbd_ids[:4]) + "\n")
+    (sbd / "val.txt").write_text("\n".join(sbd_ids[4:]) + "\n")
+    return voc, sbd.parent, voc_ids, sbd_ids
+
+
+def test_convert_sbd_writes_the_vocaug_layout_that_loads_and_trains(tmp_path, capsys):
+    from labelwise.data import build_dataset
+    from labelwise.data.convert import read_sbd_label
+    from labelwise.io import read_label
+
+    voc, sbd, voc_ids, sbd_ids = _mini_voc_and_sbd(tmp_path)
+    assert main(["data", "convert", "sbd", str(sbd), str(voc)]) == 0
+    assert "use --data vocaug:" in capsys.readouterr().out
+    train_aug = (voc / "ImageSets/Segmentation/train_aug.txt").read_text().split()
+    assert train_aug == sorted((set(voc_ids[:4]) | set(sbd_ids)) - set(voc_ids[4:]))  # VOC val left out
+    for i in sbd_ids:
+        assert (read_label(voc / "SegmentationClassAug" / f"{i}.png") == read_sbd_label(sbd / "dataset/cls" /
+                                                                                      f"{i}.mat")).all()
+        assert (voc / "JPEGImages" / f"{i}.jpg").is_file()
+    ds = build_dataset(f"vocaug:{voc}", "train")
+    assert len(ds) == len(train_aug) and ds[0]["mask"].shape == (40, 48)
+    assert main(["data", "check", f"vocaug:{voc}", "--split", "train"]) == 0
+    assert main(["data", "convert", "sbd", str(sbd), str(voc)]) == 0  # idempotent
+    # trains (cpu preset named), and without --preset it takes the voc preset, as said
+    assert main(["train", "cam", "--data", f"vocaug:{voc}", "--out", str(tmp_path / "run"), "--preset", "cpu",
+                 "--steps", "1", "--set", "model.pretrained=false", "data.crop_size=32", "train.batch_size=2",
+                 "train.eval_at_end=false", "--no-progress"]) == 0
+    from labelwise.engine.api import choose_preset
+    from labelwise.engine.registry import get_method
+
+    assert choose_preset(get_method("cam"), f"vocaug:{voc}")[0] == "voc"
+    capsys.readouterr()
+    (sbd / "dataset/cls" / f"{sbd_ids[0]}.mat").write_bytes(b"not a mat file")
+    (voc / "SegmentationClassAug" / f"{sbd_ids[0]}.png").unlink()
+    assert main(["data", "convert", "sbd", str(sbd), str(voc)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{sbd_ids[0]}.mat" in err and "not an SBD class file" in err

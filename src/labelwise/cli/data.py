@@ -88,7 +88,7 @@ def register(subparsers, name: str = "data", help: str = "") -> argparse.Argumen
     from labelwise.data.synth import DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_TRAIN, DEFAULT_VAL, KINDS
 
     parser = subparsers.add_parser(name, help=help, description=help)
-    sub = parser.add_subparsers(dest="data_command", metavar="{synth,check}",
+    sub = parser.add_subparsers(dest="data_command", metavar="{synth,check,convert}",
                                 parser_class=type(parser))
     parser.set_defaults(func=lambda a: (parser.print_help(), 2)[1])
 
@@ -125,4 +125,26 @@ def register(subparsers, name: str = "data", help: str = "") -> argparse.Argumen
                    help="read image headers instead of decoding every image (faster; misses truncated files)")
     add_progress(c)
     c.set_defaults(func=_run_check)
+
+    v = sub.add_parser("convert", help="turn an official download into the layout a loader reads",
+                       description="Turn an official dataset download into the layout labelwise reads. "
+                                   "sbd: the SBD benchmark_RELEASE folder (MATLAB .mat labels) into a PASCAL "
+                                   "VOC 2012 folder: SegmentationClassAug/, the SBD images and "
+                                   "ImageSets/Segmentation/train_aug.txt, for --data vocaug:OUT.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("kind", choices=("sbd",), help="which download")
+    v.add_argument("src", metavar="SRC", help="the download (sbd: benchmark_RELEASE/)")
+    v.add_argument("out", metavar="OUT", help="where it goes (sbd: the VOC2012 folder of VOCtrainval_11-May-2012)")
+    add_progress(v)
+    v.set_defaults(func=_run_convert)
     return parser
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from labelwise.data.convert import CONVERTERS
+    from labelwise.utils import progress_enabled
+
+    res = CONVERTERS[args.kind](args.src, args.out, show_progress=progress_enabled())
+    print(f"{args.kind}: {res['labels_written']} labels written, {res['images_copied']} images copied, "
+          f"{res['train_aug']} ids in train_aug.txt; use --data vocaug:{res['out']}")
+    return 0
