@@ -123,3 +123,66 @@ def test_pascal_part_release_layout(tmp_path):
     write_label(root / "ann_dir" / "train" / "2008_000002.png", parts)
     with pytest.raises(LabelwiseError, match="label value 120 is out of range"):
         build_dataset(f"pascalpart:{root}", "train")[0]
+
+
+def _mini_cityscapes(root):
+    """Two val images in the official layout: road (7) / sky (23) / void (0), two cars (26 x 1000 + k)
+    and a crowd of persons without instance ids (24)."""
+    from PIL import Image
+
+    from labelwise.io import write_image
+
+    rng = np.random.default_rng(0)
+    for k, (city, frame) in enumerate((("frankfurt", "000000_000294"), ("lindau", "000001_000019"))):
+        (root / "leftImg8bit/val" / city).mkdir(parents=True, exist_ok=True)
+        (root / "gtFine/val" / city).mkdir(parents=True, exist_ok=True)
+        write_image(root / "leftImg8bit/val" / city / f"{city}_{frame}_leftImg8bit.png",
+                    rng.integers(0, 255, (32, 64, 3), dtype=np.uint8))
+        lab = np.full((32, 64), 7, np.int32)
+        lab[:8] = 23
+        lab[:, :2] = 0
+        inst = lab.copy()
+        inst[10:20, 5:20] = 26000 + k
+        inst[10:20, 30:40] = 26001 + k
+        inst[22:30, 45:60] = 24  # persons, no instance ids
+        lab = np.where(inst >= 1000, inst // 1000, inst)
+        base = root / "gtFine/val" / city / f"{city}_{frame}_gtFine"
+        Image.fromarray(lab.astype(np.uint8)).save(f"{base}_labelIds.png")
+        Image.fromarray(inst.astype(np.uint16)).save(f"{base}_instanceIds.png")  # 16-bit, as released
+
+
+def test_cityscapes_official_layout_semantic_instances_and_evaluation(tmp_path, monkeypatch):
+    """cityscapes:ROOT reads leftImg8bit/ + gtFine/: 19-class masks with void as ignore, the cars as
+    instances and the persons without ids as a crowd; instance and panoptic evaluation run on it
+    (a perfect prediction scores 1)."""
+    import json
+
+    from labelwise.data import build_dataset
+    from labelwise.evaluation import evaluate
+    from labelwise.masks import encode_mask
+
+    monkeypatch.setenv("LABELWISE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cityscapes"
+    _mini_cityscapes(root)
+    ds = build_dataset(f"cityscapes:{root}", "val")
+    assert len(ds) == 2 and ds.class_names[1] == "road" and ds.class_names[-1] == "bicycle"
+    item = ds[0]
+    road, sky, car, person = (ds.class_names.index(n) for n in ("road", "sky", "car", "person"))
+    assert item["mask"][20, 25] == road and item["mask"][0, 10] == sky and (item["mask"][:, :2] == 255).all()
+    assert item["mask"][12, 10] == car and item["mask"][25, 50] == person
+    cars = [i for i in item["instances"] if i["category"] == car]
+    crowd = [i for i in item["instances"] if i["iscrowd"]]
+    assert len(cars) == 2 and len(crowd) == 1 and crowd[0]["category"] == person
+    assert not (tmp_path / "cityscapes" / "gtFine" / "val" / "x.json").exists()  # nothing written into the dataset
+    # a perfect instance prediction: AP 1
+    preds = [{"file_name": ds.file_name(i), "category_id": 1, "score": 1.0, "segmentation": encode_mask(m["mask"])}
+             for i in range(len(ds)) for m in ds[i]["instances"] if not m["iscrowd"]]
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
+    res = evaluate("instance", tmp_path / "pred.json", f"cityscapes:{root}", "val", progress=False)
+    assert res["ap50"] == pytest.approx(1.0)
+    pan = evaluate("panoptic", tmp_path / "pred.json", f"cityscapes:{root}", "val", class_agnostic=True,
+                   progress=False)
+    assert 0.0 < pan["pq"] <= 1.0
+    from labelwise.cli import main
+
+    assert main(["data", "check", f"cityscapes:{root}", "--split", "val"]) == 0

@@ -8,7 +8,9 @@ format             release
 ``coco-wsss:ROOT`` COCO 2014 for WSSS (label PNGs, 80 classes as 1..80) — :mod:`.coco_wsss`
 ``partimagenet:``  PartImageNet (``PartImageNet_Seg`` release) — :mod:`.partimagenet`
 ``pascalpart:``    Pascal-Part-108 (108 parts, 20 objects) — :mod:`.pascal_part`
+``cityscapes:``    Cityscapes (``leftImg8bit/`` + ``gtFine/``; 19 classes, instances,
+                   panoptic) — :mod:`.cityscapes`
 =================  ==============================================================
 """
 
-from labelwise.data.adapters import coco_wsss, partimagenet, pascal_part, voc_aug  # noqa: F401  (registers)
+from labelwise.data.adapters import cityscapes, coco_wsss, partimagenet, pascal_part, voc_aug  # noqa: F401  (registers)
