@@ -186,3 +186,35 @@ def test_cityscapes_official_layout_semantic_instances_and_evaluation(tmp_path, 
     from labelwise.cli import main
 
     assert main(["data", "check", f"cityscapes:{root}", "--split", "val"]) == 0
+
+
+def test_uvo_style_frame_json_loads_through_coco(tmp_path):
+    """UVO's frame annotations are COCO-style (one 'object' category, RLE masks, frames under video
+    folders): `coco:ANNOTATIONS.json,FRAME_DIR` reads them and instance evaluation runs."""
+    import json
+
+    from labelwise.data import build_dataset
+    from labelwise.evaluation import evaluate
+    from labelwise.io import write_image
+    from labelwise.masks import encode_mask
+
+    frames = tmp_path / "uvo_videos_sparse_frames"
+    m = np.zeros((24, 32), bool)
+    m[4:12, 6:20] = True
+    images, anns = [], []
+    for k, vid in enumerate(("-0aRJ5", "zWqX0")):
+        (frames / vid).mkdir(parents=True)
+        write_image(frames / vid / "0.png", np.full((24, 32, 3), 90 + k, np.uint8))
+        images.append({"id": k + 1, "file_name": f"{vid}/0.png", "height": 24, "width": 32, "video_id": k})
+        anns.append({"id": k + 1, "image_id": k + 1, "category_id": 1, "segmentation": encode_mask(m),
+                     "area": int(m.sum()), "bbox": [6.0, 4.0, 14.0, 8.0], "iscrowd": 0})
+    ann = tmp_path / "UVO_frame_val.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns,
+                               "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}))
+    spec = f"coco:{ann},{frames}"
+    ds = build_dataset(spec, "val")
+    assert len(ds) == 2 and ds[1]["instances"][0]["mask"].sum() == m.sum()
+    pred = tmp_path / "p.json"
+    pred.write_text(json.dumps([{"file_name": im["file_name"], "category_id": 1, "score": 0.9,
+                                 "segmentation": encode_mask(m)} for im in images]))
+    assert evaluate("instance", pred, spec, "val", progress=False)["ap50"] == pytest.approx(1.0)
