@@ -36,7 +36,7 @@ def test_torchrun_two_ranks_cpu(tmp_path):
     env = {**os.environ, "LABELWISE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "labelwise", "train", "cam",
            "--data", f"voc:{root}", "--out", str(tmp_path / "run"), "--steps", "2", "--set",
-           "model.backbone=vit_tiny_test", "model.pretrained=false", "data.crop_size=32", "train.batch_size=2",
+           "model.backbone=vit_tiny_test", "model.pretrained=false", "data.crop_size=32", "train.batch_size=4",
            "train.log_every=1"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, explain(r)

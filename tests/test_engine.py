@@ -155,7 +155,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
 
     base = ["n_images=16", "optim.warmup_steps=0", "train.max_steps=5", "train.ckpt_every=5"]
     api.train("_toy", "toy:x", tmp_path / "single", overrides=base + ["train.batch_size=4"], show_progress=False)
-    kwargs = dict(method="_toy", data="toy:x", out=str(tmp_path / "ddp"), overrides=base + ["train.batch_size=2"],
+    # train.batch_size is global: 4 over 2 ranks = 2 each, the single process's 4 images per step
+    kwargs = dict(method="_toy", data="toy:x", out=str(tmp_path / "ddp"), overrides=base + ["train.batch_size=4"],
                   show_progress=False)
     mp.spawn(toy_method.ddp_worker, args=(2, _free_port(), kwargs), nprocs=2, join=True)
     a, b = _params(tmp_path / "single"), _params(tmp_path / "ddp")
@@ -337,3 +338,27 @@ def test_ddp_starts_without_the_broadcast_buffers_deprecation_warning(tmp_path):
                 {"find_unused_parameters": False, "broadcast_buffers": True, "static_graph": False}))
     finally:
         tdist.destroy_process_group()
+
+
+def test_batch_is_global_and_accumulation_equals_the_large_batch(tmp_path):
+    """train.batch_size is the global batch: 4 images in one forward equal 2 x 2 accumulated
+    (train.batch_per_gpu=2) -- the same samples, the same gradients, the same weights; a split that
+    does not divide is one line; a method with per-step state refuses to accumulate."""
+    from labelwise.engine.trainer import split_batch
+
+    sets = ["model.noise=0.0", "train.max_steps=4", "train.batch_size=4", "train.log_every=1"]
+    one = api.train("_toy", "toy:x", tmp_path / "one", overrides=sets, show_progress=False)
+    acc = api.train("_toy", "toy:x", tmp_path / "acc", overrides=sets + ["train.batch_per_gpu=2"],
+                    show_progress=False)
+    a = load_checkpoint(one / "checkpoints/last.pt")["model"]
+    b = load_checkpoint(acc / "checkpoints/last.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    la = [json.loads(x)["loss"] for x in (one / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (acc / "log.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert split_batch(64, None, 4) == (16, 1) and split_batch(64, 8, 4) == (8, 2)
+    with pytest.raises(LabelwiseError, match="does not divide over 3 ranks"):
+        split_batch(64, None, 3)
+    with pytest.raises(LabelwiseError, match="not a multiple of train.batch_per_gpu 6"):
+        split_batch(64, 6, 2)

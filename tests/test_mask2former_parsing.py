@@ -208,7 +208,7 @@ def test_cocal_on_mask2former_trains_under_torchrun(tmp_path):
     spec = testbed_spec("parts", generate("parts", tmp_path / "tb", n_train=4, n_val=2, size=64, seed=0))
     run = tmp_path / "run"
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "labelwise", "train", "cocal", "--data", spec,
-           "--out", str(run), "--preset", "cpu", "--steps", "2", "--no-progress", "--set", *TINY, "train.batch_size=1"]
+           "--out", str(run), "--preset", "cpu", "--steps", "2", "--no-progress", "--set", *TINY, "train.batch_size=2"]
     env = {**os.environ, "LABELWISE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, explain(r)

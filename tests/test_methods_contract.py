@@ -51,7 +51,7 @@ def test_torchrun_two_ranks_train_the_cpu_preset_then_a_moved_run_infers(name, t
 
         seeds = {split: str(mask_seeds(spec, split, tmp_path / f"seeds-{split}")) for split in ("train", "val")}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "labelwise", "train", name, "--data", spec,
-           "--out", str(run), "--preset", "cpu", "--steps", "2", "--set", "train.batch_size=2", "train.log_every=1",
+           "--out", str(run), "--preset", "cpu", "--steps", "2", "--set", "train.batch_size=4", "train.log_every=1",
            "--no-progress"] + (["--seeds", seeds["train"]] if seeds else [])
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, explain(r)
@@ -120,7 +120,7 @@ def test_cam_run_infers_after_its_weights_file_is_gone(testbeds, tmp_path):
 def test_plugin_method_trains_under_torchrun(tmp_path):
     env = _env(LABELWISE_PLUGINS="toy_method", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "labelwise", "train", "_toy_staged", "--data",
-           "toy:x", "--out", str(tmp_path / "run"), "--steps", "4", "--set", "train.batch_size=2", "loss.stage_step=1",
+           "toy:x", "--out", str(tmp_path / "run"), "--steps", "4", "--set", "train.batch_size=4", "loss.stage_step=1",
            "--no-progress"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, explain(r)

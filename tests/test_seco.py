@@ -396,7 +396,7 @@ def test_rectify_without_lil_is_a_config_error(cooc, tmp_path):
 def test_seco_two_ranks_gather_the_reservoir(cooc, tmp_path):
     env = {**os.environ, "LABELWISE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "labelwise", "train", "seco", "--data",
-           f"voc:{cooc}", "--out", str(tmp_path / "run"), "--steps", "3", "--set", *EARLY, "train.batch_size=2",
+           f"voc:{cooc}", "--out", str(tmp_path / "run"), "--steps", "3", "--set", *EARLY, "train.batch_size=4",
            "--no-progress"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -434,3 +434,14 @@ def test_ablation_tables_average_replicates_and_groups(tmp_path):
     # co-occurring IoU 0.6 on average, FP/TP 0.3 (disc's infinite ratio has no finite mean); control IoU 0.7
     assert "| SeCo | 0.600 (0.500 / 0.700) | 0.300 (0.300 / 0.300) | 0.700 (0.600 / 0.800) | 0.300 (0.300 / " \
            "0.300) |" in text
+
+
+def test_seco_refuses_gradient_accumulation(cooc, tmp_path):
+    """The reservoir and prototypes are updated once per step from its one forward: accumulating
+    forwards would drop all but the last one's keys, so it is refused in one line."""
+    from labelwise.engine import api
+    from labelwise.errors import LabelwiseError
+
+    with pytest.raises(LabelwiseError, match="cannot accumulate"):
+        api.train("seco", f"voc:{cooc}", tmp_path / "r", steps=1, show_progress=False,
+                  overrides=EARLY + ["train.batch_per_gpu=2"])

@@ -20,7 +20,13 @@ class TrainConfig:
                                                        "ignored when train.epochs > 0")
     epochs: int = param(0, range=(0, None), help="train for this many passes over the training split instead "
                                                  "of train.max_steps (0 = use max_steps; --epochs N)")
-    batch_size: int = param(8, range=(1, None), help="images per rank per step (global = batch_size x world size)")
+    batch_size: int = param(8, range=(1, None),
+                            help="images per optimiser step over all ranks (the global batch, as papers state it); "
+                                 "each rank takes train.batch_per_gpu of them per forward, accumulating the rest")
+    batch_per_gpu: int | None = param(None, range=(1, None),
+                                      help="images per rank and forward (the memory you allow); None = batch_size / "
+                                           "world size. batch_size / (batch_per_gpu x world size) forwards are "
+                                           "accumulated per step")
     seed: int = param(0, range=(0, None), help="base seed; rank r uses seed + r for model-side randomness")
     log_every: int = param(10, range=(1, None), help="steps between log.jsonl / TensorBoard records")
     eval_every: int = param(0, range=(0, None), help="steps between periodic evaluations (0 = only at the end)")

@@ -149,6 +149,10 @@ class Method:
     # Whether ``predict`` reads each image's CAM seeds (``item["seeds"]``): ``labelwise infer
     # --seeds SEED_DIR``, by default the run's own ``--seeds`` folder on its training split.
     needs_seeds: bool = False
+    # Whether a step may accumulate gradients over several forwards (train.batch_per_gpu below the
+    # per-rank share of train.batch_size). False for a method whose training_step leaves state for
+    # after_optimizer_step (a reservoir's keys, a centre's codes): only the last forward's would count.
+    supports_accumulation: bool = True
     # Whether inference ignores the dataset's classes (a method trained without labels, e.g. OAP):
     # then ``labelwise infer`` runs on any dataset, whatever its class list.
     label_free: bool = False

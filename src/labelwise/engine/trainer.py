@@ -5,10 +5,15 @@
 * distributed: under ``torchrun`` (``labelwise.dist.init_distributed``: gloo on CPU, nccl
   on GPU) the model is wrapped in DDP with the method's ``ddp_options`` (optionally with
   SyncBatchNorm, ``train.sync_bn``) and :class:`~labelwise.engine.data.ShardedSampler`
-  gives each rank its shard of a per-epoch permutation; ``train.batch_size`` is per rank;
+  gives each rank its shard of a per-epoch permutation;
+* batch: ``train.batch_size`` is the global batch of one optimisation step (all ranks). Each
+  rank forwards ``train.batch_per_gpu`` images at a time (default: its share) and accumulates
+  the gradients of ``batch_size / (batch_per_gpu x world)`` forwards (:func:`split_batch`); the
+  samples of a step are the same whatever the split, so 1 GPU with accumulation, N GPUs and one
+  large batch see the same data;
 * length: ``train.max_steps`` optimisation steps, or ``train.epochs`` passes over the
   training split (``max_steps = epochs x steps_per_epoch``);
-* one step: ``training_step`` under autocast -> ``backward`` -> (unscale) ->
+* one step: (``training_step`` under autocast -> ``backward``, per micro-batch) -> (unscale) ->
   ``after_backward`` -> gradient clipping -> optimiser step -> lr schedule -> EMA teacher
   update -> ``after_optimizer_step``. Losses stay on the device between log steps (no
   host sync per step; :class:`~labelwise.engine.logging.LossWindow`); a non-finite loss
@@ -52,6 +57,20 @@ from labelwise.io import atomic_write_json
 from labelwise.utils import progress, resolve_device
 
 DDP_OPTIONS = ("find_unused_parameters", "broadcast_buffers", "static_graph", "gradient_as_bucket_view")
+
+
+def split_batch(batch_size: int, batch_per_gpu: int | None, world: int) -> tuple[int, int]:
+    """``(images per rank and forward, forwards accumulated per step)`` for a global ``batch_size``;
+    a one-line error when it does not divide."""
+    if batch_per_gpu is None:
+        if batch_size % world:
+            raise LabelwiseError(f"train.batch_size {batch_size} does not divide over {world} ranks; pick a multiple "
+                                 f"of {world} or set train.batch_per_gpu")
+        return batch_size // world, 1
+    if batch_size % (batch_per_gpu * world):
+        raise LabelwiseError(f"train.batch_size {batch_size} is not a multiple of train.batch_per_gpu {batch_per_gpu} "
+                             f"x {world} rank(s); pick values whose product divides it")
+    return batch_per_gpu, batch_size // (batch_per_gpu * world)
 
 
 def _ddp_kwargs(opts: dict) -> dict:
@@ -135,12 +154,18 @@ class Trainer:
         with skip_report_dir(self.run_dir if dist.is_main() else None):
             dataset = method.build_train_dataset(cfg, self.data_spec, self.info, labels_dir=self.labels_dir,
                                                  seeds_dir=self.seeds_dir)
-        self.sampler = ShardedSampler(len(dataset), tcfg.batch_size, rank=self.rank, world_size=self.world,
+        self.micro_batch, self.accumulate = split_batch(tcfg.batch_size, tcfg.batch_per_gpu, self.world)
+        if self.accumulate > 1 and not method.supports_accumulation:
+            raise LabelwiseError(f"method '{method.name}' updates its state once per forward and cannot accumulate "
+                                 f"gradients (train.batch_size {tcfg.batch_size} = {self.accumulate} x "
+                                 f"train.batch_per_gpu {self.micro_batch} x {self.world} rank(s)); use more GPUs or "
+                                 "a larger train.batch_per_gpu, or lower train.batch_size")
+        self.sampler = ShardedSampler(len(dataset), self.micro_batch, rank=self.rank, world_size=self.world,
                                       seed=tcfg.seed)
-        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.steps_per_epoch = self.sampler.batches_per_epoch // self.accumulate
         if self.steps_per_epoch == 0:
-            raise LabelwiseError(f"training split has {len(dataset)} images, fewer than train.batch_size x world "
-                                 f"size = {tcfg.batch_size * self.world}; lower train.batch_size")
+            raise LabelwiseError(f"training split has {len(dataset)} images, fewer than train.batch_size = "
+                                 f"{tcfg.batch_size}; lower train.batch_size")
         self.max_steps = tcfg.epochs * self.steps_per_epoch if tcfg.epochs > 0 else tcfg.max_steps
 
         groups = build_param_groups(method.param_groups(self.module, cfg), cfg.optim)
@@ -153,7 +178,7 @@ class Trainer:
 
         gen = torch.Generator()
         gen.manual_seed(tcfg.seed + self.rank)
-        self.loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=self.sampler,
+        self.loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=self.sampler,
                                  num_workers=tcfg.num_workers, collate_fn=method.collate, drop_last=True,
                                  worker_init_fn=worker_init_fn, generator=gen,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False)
@@ -275,9 +300,14 @@ class Trainer:
             while self.step < max_steps:
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                self.sampler.set_position(self.epoch, self.batch_in_epoch)
+                self.sampler.set_position(self.epoch, self.batch_in_epoch * self.accumulate)
+                micro: list = []
                 for batch in self.loader:
-                    self.window.add(self.train_step(batch), batch_len(batch))
+                    micro.append(batch)
+                    if len(micro) < self.accumulate:
+                        continue
+                    self.window.add(self.train_step(micro), sum(batch_len(b) for b in micro))
+                    micro = []
                     self.step += 1
                     self.batch_in_epoch += 1
                     if bar is not None:
@@ -304,16 +334,30 @@ class Trainer:
             self.logger.close()
         return last_metrics
 
-    def train_step(self, batch) -> dict:
+    def train_step(self, batches: list) -> dict:
+        """One optimiser step over ``batches``, the step's micro-batches: each forward's loss divided by
+        their number, gradients accumulated (DDP syncs them on the last one). Returns the mean of each
+        logged term over the micro-batches."""
         tcfg, method = self.cfg.train, self.method
-        batch = to_device(batch, self.device)
-        ctx = self.context()
-        with self.autocast:
-            out = method.training_step(self.model, batch, ctx)
-        if "loss" not in out:
-            raise RuntimeError(f"method '{method.name}' training_step returned no 'loss'")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"]).backward()
+        outs = []
+        for k, batch in enumerate(batches):
+            batch = to_device(batch, self.device)
+            ctx = self.context()
+            last = k == len(batches) - 1
+            no_sync = self.model.no_sync() if not last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast:
+                    out = method.training_step(self.model, batch, ctx)
+                if "loss" not in out:
+                    raise RuntimeError(f"method '{method.name}' training_step returned no 'loss'")
+                loss = out["loss"] if len(batches) == 1 else out["loss"] / len(batches)
+                self.scaler.scale(loss).backward()
+            outs.append(out)
+        out = outs[0] if len(outs) == 1 else {
+            key: torch.stack([o[key].detach().float().mean() if isinstance(o[key], torch.Tensor)
+                              else torch.tensor(float(o[key])) for o in outs]).mean()
+            for key in outs[0] if all(key in o for o in outs)}
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)  # hooks and clipping see the true gradients
         method.after_backward(self.model, ctx)

@@ -49,6 +49,7 @@ class CoCalMethod(KMaXMethod):
     config_cls = CoCalConfig
     description = "CoCal: dictionary-based object parsing with contrastive components and logical constraints"
     inference_keys = ("cocal.path_inference",)  # labelwise infer --set cocal.path_inference=false
+    supports_accumulation = False  # the banks enqueue the components of the step's one forward
 
     def __init__(self):
         self._enqueue = None

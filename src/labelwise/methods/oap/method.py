@@ -122,6 +122,7 @@ class OAPMethod(Method):
     description = "OAP: online agglomerative pooling, self-supervised universal segmentation (teacher-student)"
     outputs = {"universal": "universal", "pseudo": "clustered_masks"}
     uses_ema = True
+    supports_accumulation = False  # after_optimizer_step uses the state of the step's one forward
     testbed = "objects"
     label_free = True  # trained without labels: infers on any dataset (its clusters are not its classes)
 

@@ -95,6 +95,7 @@ class SeCoMethod(Method):
     description = "SeCo: separate and conquer co-occurrence (single-stage WSSS, image tags)"
     outputs = {"segmentation": "label_png", "seeds": "cam_npz", "masks": "label_png"}
     uses_ema = True
+    supports_accumulation = False  # after_optimizer_step uses the state of the step's one forward
     testbed = "cooc"
 
     # ------------------------------------------------------------------ model and state
