@@ -246,3 +246,43 @@ def test_dataset_spec_input_matches_folder_input(tmp_path, extractor):
     ra, rb = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
     assert [(r["file_name"], r["segmentation"]["counts"]) for r in ra] == \
            [(r["file_name"], r["segmentation"]["counts"]) for r in rb]
+
+
+def test_pseudo_masks_as_a_coco_dataset_load_in_pycocotools_and_train(tmp_path, monkeypatch):
+    """--format coco-dataset writes what detectors train on (images with sizes, annotations with
+    RLE, area, bbox, iscrowd 0, scores kept, one agnostic category): pycocotools loads it, and a
+    method trains on it through --data coco:FILE.json,IMAGE_DIR."""
+    import contextlib
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+
+    from labelwise.cli import main
+    from labelwise.data.synth import generate
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    root = generate("objects", tmp_path / "o", n_train=4, n_val=1, size=64, seed=0)
+    images = root / "images" / "train"
+    out = tmp_path / "pm.json"
+    assert main(["pseudo-masks", "oap", "--images", str(images), "--out", str(out), "--backbone",
+                 "efficientnet_lite0", "--resolution", "160", "--format", "coco-dataset", "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    assert data["categories"] == [{"id": 1, "name": "object", "supercategory": "object", "isthing": 1}]
+    assert len(data["images"]) == 4 and all({"height", "width", "file_name"} <= set(im) for im in data["images"])
+    ann = data["annotations"][0]
+    assert {"segmentation", "area", "bbox", "iscrowd", "score"} <= set(ann) and ann["iscrowd"] == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(out))
+    assert len(coco.getAnnIds()) == len(data["annotations"]) > 0
+    run = tmp_path / "run"
+    assert main(["train", "oap", "--data", f"coco:{out},{images}", "--out", str(run), "--preset", "cpu", "--steps",
+                 "1", "--set", "oap.targets=ground_truth", "model.pretrained=false", "oap.global_size=64",
+                 "oap.local_size=32", "loss.num_points=128", "loss.match_points=128", "train.batch_size=2",
+                 "train.eval_at_end=false", "--no-progress"]) == 0
+    # infer --coco-dataset: the trained model's universal masks as a dataset too
+    pred = tmp_path / "pred"
+    assert main(["infer", str(run), "--data", f"coco:{out},{images}", "--split", "train", "--out", str(pred),
+                 "--what", "universal", "--set", "infer.size=64", "--coco-dataset", "--no-progress"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        COCO(str(pred / "universal_dataset.json"))

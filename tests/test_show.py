@@ -167,6 +167,12 @@ def test_max_images_and_python_api(tmp_path):
     s = show_predictions(pred, tmp_path / "imgs", tmp_path / "o", max_images=2, progress=False)
     assert s["images"] == 2 and s["images_total"] == 3 and s["unmatched"] == 0 and s["masks_drawn"] == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", "b.png", "index.html"]
+    # pages: 3 images, 2 per page -> index.html (a, b) and page-2.html (c), linked both ways
+    s = show_predictions(pred, tmp_path / "imgs", tmp_path / "p", progress=False, per_page=2)
+    assert s["pages"] == 2
+    first, second = (tmp_path / "p" / "index.html").read_text(), (tmp_path / "p" / "page-2.html").read_text()
+    assert "page-2.html" in first and "index.html" in second and "page 2 of 2" in second
+    assert first.count("<h3>") == 2 and second.count("<h3>") == 1
 
 
 def test_label_png_folder(tmp_path, capsys):

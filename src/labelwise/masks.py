@@ -20,7 +20,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 __all__ = ["encode_mask", "encode_masks", "decode_mask", "decode_masks", "mask_to_bbox", "mask_area",
-           "rle_counts", "segmentation_problem"]
+           "rle_counts", "segmentation_problem", "results_to_dataset"]
 
 
 def _to_numpy(mask: Any) -> np.ndarray:
@@ -176,3 +176,34 @@ def mask_area(mask: Any) -> int | np.ndarray:
     if m.ndim == 2:
         return int(m.sum())
     return m.reshape(m.shape[0], -1).sum(axis=1).astype(np.int64)
+
+
+def results_to_dataset(results: Sequence[dict], category: str = "object") -> dict:
+    """A COCO *results* list (records with ``file_name`` and RLE ``segmentation``, as pseudo-mask
+    generators and ``--what universal`` write) -> a COCO *dataset* a detector trains on, as CutLER
+    writes it: ``images`` (id, file_name, height and width from the RLE size), ``annotations``
+    (RLE, area, bbox, ``iscrowd`` 0, the record's score and level kept) and one class-agnostic
+    category. ``pycocotools.COCO`` loads it and ``--data coco:FILE.json,IMAGE_DIR`` trains on it."""
+    names: dict[str, tuple[int, int]] = {}
+    for k, r in enumerate(results):
+        seg = r.get("segmentation")
+        if not isinstance(seg, dict) or "size" not in seg or "file_name" not in r:
+            raise ValueError(f"record {k} has no RLE segmentation with a size and a file_name")
+        names.setdefault(str(r["file_name"]), (int(seg["size"][0]), int(seg["size"][1])))
+    ids = {n: i for i, n in enumerate(sorted(names), 1)}
+    images = [{"id": ids[n], "file_name": n, "height": h, "width": w} for n, (h, w) in sorted(names.items())]
+    anns = []
+    for k, r in enumerate(results):
+        rle = _to_rle(r["segmentation"], None, None)
+        area = int(mask_utils.area(rle))
+        if area == 0:
+            continue
+        ann = {"id": len(anns) + 1, "image_id": ids[str(r["file_name"])], "category_id": 1,
+               "segmentation": _as_str(rle), "area": area, "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+               "iscrowd": 0}
+        for key in ("score", "level"):
+            if key in r:
+                ann[key] = r[key]
+        anns.append(ann)
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": category, "supercategory": category, "isthing": 1}]}

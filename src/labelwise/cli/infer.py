@@ -43,6 +43,10 @@ def register(subparsers, name: str, help: str) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint to load (default: the run's last.pt)")
     p.add_argument("--skip-bad", action="store_true",
                    help="list unreadable images in PRED_DIR/skipped.txt instead of stopping")
+    p.add_argument("--coco-dataset", action="store_true",
+                   help="beside each COCO results json written (universal.json, pseudo.json, ...), also write "
+                        "NAME_dataset.json: a COCO dataset with one class-agnostic category that detectors and "
+                        "--data coco:FILE.json,IMAGE_DIR train on")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -55,5 +59,17 @@ def run(args: argparse.Namespace) -> int:
                     overrides=args.overrides, checkpoint=args.checkpoint, skip_bad=args.skip_bad,
                     show_progress=not args.no_progress, seeds=args.seeds)
     if dist.is_main():
+        if args.coco_dataset:
+            import json
+
+            from labelwise.io import atomic_write_json
+            from labelwise.masks import results_to_dataset
+
+            for f in sorted(out.glob("*.json")):
+                if f.name.startswith(".") or f.stem.endswith("_dataset"):
+                    continue
+                recs = json.loads(f.read_text())
+                if isinstance(recs, list):
+                    atomic_write_json(f.with_name(f"{f.stem}_dataset.json"), results_to_dataset(recs), indent=None)
         print(f"labelwise: predictions written to {out}")
     return 0

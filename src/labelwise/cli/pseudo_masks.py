@@ -57,6 +57,10 @@ def register(subparsers, name: str, help: str) -> None:
     p.add_argument("--cluster-maps", default=None, metavar="DIR",
                    help="with --clusters and --images: also write DIR/<image>.png cluster-id maps of the "
                         "semantic-level masks (255 = none) for `labelwise evaluate unsupervised`")
+    p.add_argument("--format", choices=("results", "coco-dataset"), default="results",
+                   help="results: a COCO results list (scores, for evaluate / show); coco-dataset: a COCO dataset "
+                        "(images with sizes, annotations, one class-agnostic category) that detectors and "
+                        "--data coco:FILE.json,IMAGE_DIR train on, as CutLER writes it")
     p.add_argument("--keep-parts", action="store_true", help="keep FILE.json.parts/ after merging")
     p.add_argument("--random-init", action="store_true", help="random backbone weights (smoke tests only)")
     p.add_argument("--seed", type=int, default=None, help="k-means seed = cluster.seed")
@@ -91,8 +95,23 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_main():
         if args.cluster_maps:
             write_cluster_maps(args.out, args.images, args.cluster_maps)
+        if args.format == "coco-dataset":
+            to_coco_dataset(args.out)
         msg = f"wrote {summary['masks']} masks for {summary['images']} images to {summary['out']}"
+        if args.format == "coco-dataset":
+            root = args.images if args.images is not None else "IMAGE_DIR"
+            msg += f" (a COCO dataset: --data coco:{summary['out']},{root})"
         if summary["skipped"]:
             msg += f"; {summary['skipped']} unreadable images listed in {summary['skipped_report']}"
         print(msg)
     return 0
+
+
+def to_coco_dataset(path) -> None:
+    """Rewrite the COCO results list at ``path`` as a COCO dataset (:func:`labelwise.masks.results_to_dataset`)."""
+    import json
+
+    from labelwise.io import atomic_write_json
+    from labelwise.masks import results_to_dataset
+
+    atomic_write_json(path, results_to_dataset(json.loads(open(path).read())), indent=None)

@@ -51,6 +51,9 @@ def register(subparsers, name: str, help: str) -> None:
     p.add_argument("--max-side", type=int, default=512, metavar="PX",
                    help="display size: longer side of each panel in pixels (default %(default)s)")
     p.add_argument("--alpha", type=float, default=0.45, help="fill opacity of the masks, 0..1 (default %(default)s)")
+    p.add_argument("--per-page", type=int, default=25, metavar="N",
+                   help="images per HTML page; index.html links page-2.html, ... (default %(default)s): each page is "
+                        "self-contained and stays a few tens of MB at most")
     p.add_argument("--no-background", action="store_true",
                    help="label PNGs hold cluster ids: 0 is a cluster, not background (255 = none)")
     add_progress(p)
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise LabelwiseError("--split goes with --gt SPEC (the ground-truth split)")
     summary = show_predictions(args.pred, args.images, args.out, gt=args.gt, split=args.split or "val",
                                top=args.top, max_images=args.max_images, max_side=args.max_side, alpha=args.alpha,
-                               background=not args.no_background, progress=not args.no_progress)
+                               background=not args.no_background, progress=not args.no_progress,
+                               per_page=args.per_page)
     msg = (f"wrote {summary['images']} overlays of {summary['images_total']} images and {summary['html']} "
            f"({summary['images_with_pred']} with predictions, {summary['masks_drawn']} "
            f"{'masks' if summary['kind'] == 'results' else 'maps'} drawn")

@@ -581,10 +581,12 @@ def _out_key(name: str, used: set[str]) -> str:
 
 def show_predictions(pred: str | Path, images: str | Path, out: str | Path, *, gt: str | None = None,
                      split: str = "val", top: int = 10, max_images: int | None = None, max_side: int = 512,
-                     alpha: float = 0.45, background: bool = True, progress: bool = True) -> dict[str, Any]:
+                     alpha: float = 0.45, background: bool = True, progress: bool = True,
+                     per_page: int = 25) -> dict[str, Any]:
     """Draw ``pred`` over the images of ``images`` (and the ground truth of ``gt`` split ``split``):
     ``out/<image stem>.png`` (the row of panels) for each image and ``out/index.html`` (one
-    self-contained gallery). Returns the counts (``images``, ``images_total``,
+    self-contained gallery; ``per_page`` images per HTML file, the next ones in
+    ``out/page-2.html``, ... linked from each page). Returns the counts (``images``, ``images_total``,
     ``images_with_pred``, ``masks_drawn``, ``records``, ``unmatched``, ``unreadable``, ...).
 
     ``top``: masks per image and level (results json); ``max_images``: the first N images of the
@@ -695,7 +697,18 @@ def show_predictions(pred: str | Path, images: str | Path, out: str | Path, *, g
     if ctx.stats["size_mismatch"]:
         lines.append(f"{ctx.stats['size_mismatch']} masks/maps differ in size from their image (resized, nearest).")
     intro = headline(facts) + "".join(f"<p>{ln}</p>" for ln in lines)
-    write_report(out / "index.html", [Section("Summary", intro, "summary"), Section("Images", "".join(rows_html),
-                                                                                     "images")],
-                 title=f"labelwise show: {pred.name}", subtitle=f"PRED {pred}")
+    # pages of per_page images keep each self-contained HTML file small (images are inlined)
+    pages = [rows_html[k:k + per_page] for k in range(0, len(rows_html), max(per_page, 1))] or [[]]
+    names_html = ["index.html"] + [f"page-{n}.html" for n in range(2, len(pages) + 1)]
+    for n, rows in enumerate(pages):
+        nav = ""
+        if len(pages) > 1:
+            links = " ".join(f"<b>{k + 1}</b>" if k == n else f"<a href=\"{escape(names_html[k])}\">{k + 1}</a>"
+                             for k in range(len(pages)))
+            nav = f"<p class=\"meta\">page {n + 1} of {len(pages)} ({per_page} images each): {links}</p>"
+        write_report(out / names_html[n], [Section("Summary", intro + nav, "summary"),
+                                           Section("Images", "".join(rows) + nav, "images")],
+                     title=f"labelwise show: {pred.name}" + (f" ({n + 1}/{len(pages)})" if len(pages) > 1 else ""),
+                     subtitle=f"PRED {pred}")
+    summary["pages"] = len(pages)
     return summary
