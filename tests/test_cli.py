@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,17 @@ def test_unwritable_and_file_valued_outputs_end_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("labelwise: error: ") and "Traceback" not in err, (argv, err)
         assert str(blocker) in err or str(tmp_path) in err, (argv, err)
+
+
+def test_the_python_api_examples_run_as_written(tmp_path, monkeypatch):
+    """Every ```python block of docs/api.md, in order, in an empty folder (the page promises it)."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    scope: dict = {}
+    for code in blocks:
+        exec(compile(code, "docs/api.md", "exec"), scope)
