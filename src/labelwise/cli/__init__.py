@@ -27,6 +27,7 @@ COMMANDS = [
     ("explain", "labelwise.cli.explain", "CoCal: a run's dictionary components and chosen part -> object paths on one image"),
     ("run", "labelwise.cli.run", "run a recipe: resumable stages (train, infer, evaluate, ...) and a comparison table"),
     ("demo", "labelwise.cli.demo", "end-to-end demo on a synthetic testbed with an HTML report"),
+    ("export", "labelwise.cli.export", "a trained run as safetensors weights, an ONNX or a TorchScript model"),
     ("bench", "labelwise.cli.bench", "speed and quality benchmarks"),
 ]
 

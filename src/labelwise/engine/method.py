@@ -249,5 +249,10 @@ class Method:
     def inference_transform(self, cfg, info) -> Callable[[dict], dict]:
         return image_to_input
 
+    def export_module(self, model: nn.Module, cfg) -> nn.Module | None:
+        """``labelwise export --format onnx/torchscript``: a module mapping images ``B x 3 x H x W``
+        in [0, 1] to the network's raw maps (one tensor), or None when the method has none."""
+        return None
+
     def predict(self, model: nn.Module, batch: dict, ctx: PredictContext) -> list[dict[str, Any]]:
         raise NotImplementedError

@@ -227,6 +227,9 @@ class KMaXMethod(Method):
         at image size. kMaX-DeepLab: each level's argmax on its own."""
         return part_prob.argmax(1), object_prob.argmax(1)
 
+    def export_module(self, model, cfg):
+        return _PartObjectProbabilities(model)
+
     def predict(self, model, batch, ctx: PredictContext):
         out = model(batch["inputs"])
         pp, po = level_probabilities(out, model.num_parts, model.num_objects, model.dictionary, model.mask_activation)
@@ -237,3 +240,18 @@ class KMaXMethod(Method):
             res.append({"parts": {"parts": parts[0].to(torch.uint8).cpu().numpy(),
                                   "objects": objects[0].to(torch.uint8).cpu().numpy()}})
         return res
+
+
+class _PartObjectProbabilities(torch.nn.Module):
+    """``labelwise export``: images -> part and object class probabilities, concatenated along the
+    channels (parts first), at the input size; parsing (argmax or CoCal's paths) stays in Python."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        m = self.model
+        pp, po = level_probabilities(m(images), m.num_parts, m.num_objects, m.dictionary, m.mask_activation)
+        size = images.shape[-2:]
+        return torch.cat([upsample(pp, size), upsample(po, size)], dim=1)

@@ -266,6 +266,11 @@ class SeCoMethod(Method):
         return {"val_miou": res["miou"], "val_confusion_ratio": res["confusion_ratio"]}
 
     # ------------------------------------------------------------------ inference
+    def export_module(self, model, cfg):
+        from labelwise.engine.export import MapsAtInputSize
+
+        return MapsAtInputSize(model, "segment")  # segmentation logits at the input size
+
     def inference_transform(self, cfg, info):
         return _InferTransform(cfg.infer.size or cfg.data.crop_size, self._arch(cfg)[1])
 

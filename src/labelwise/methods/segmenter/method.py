@@ -143,6 +143,11 @@ class SegmenterMethod(Method):
         return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"]}
 
     # ------------------------------------------------------------------ inference
+    def export_module(self, model, cfg):
+        from labelwise.engine.export import MapsAtInputSize
+
+        return MapsAtInputSize(model, "forward")  # segmentation logits at the input size
+
     def inference_transform(self, cfg, info):
         return ImageInput(max_size=cfg.infer.max_size)
 

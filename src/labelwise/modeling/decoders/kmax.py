@@ -385,7 +385,7 @@ class ResizedFuse(nn.Module):
             self._conv_bn_high = ConvBN(high_in_channels, out_channels, bias=False)
 
     def forward(self, lowres_x: torch.Tensor, highres_x: torch.Tensor) -> torch.Tensor:
-        align_corners = lowres_x.shape[-1] % 2 == 1
+        align_corners = int(lowres_x.shape[-1]) % 2 == 1  # a python bool, also when traced for export
         if self.low_in_channels != self.out_channels:
             lowres_x = self._conv_bn_low(F.gelu(lowres_x))
         lowres_x = F.interpolate(lowres_x, size=highres_x.shape[-2:], mode="bilinear", align_corners=align_corners)
@@ -693,7 +693,7 @@ class KMaXTransformerDecoder(nn.Module):
 
         out = self._to_output(final, self.query_groups)
         size = final["mask_logits"].shape[-2:]
-        align_corners = size[0] % 2 == 1
+        align_corners = int(size[0]) % 2 == 1
         aux = []
         for pred in predictions:
             entry = self._to_output(pred, self.query_groups)
