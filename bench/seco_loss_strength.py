@@ -78,18 +78,21 @@ def main() -> None:
     load_module_state(teacher, ckpt["ema"], path, "EMA teacher")
     teacher.eval()
     step = int(ckpt.get("step", cfg.train.max_steps))
-    if step < cfg.loss.stage_contrast or not bool(state.seen.any()):
-        raise SystemExit(f"{path}: step {step} is before loss.stage_contrast ({cfg.loss.stage_contrast}) or no "
-                         "prototype is seen yet; pass a later --checkpoint")
+    if step < cfg.loss.stage_contrast or not int(state.queue.count):
+        raise SystemExit(f"{path}: step {step} is before loss.stage_contrast ({cfg.loss.stage_contrast}) or the "
+                         "reservoir is empty; pass a later --checkpoint")
+    terms = dict(TERMS)
+    if not bool(state.seen.any()):  # a run without L_LiG (w/o LiG row) never updates the prototypes
+        terms = {n: t for n, t in TERMS.items() if "lig" not in t[0]}
 
     ds = method.build_train_dataset(cfg, meta["data"], info)
     B = cfg.train.batch_size
     batches = [method.collate([ds[(b * B + i, 1000 * b + i)] for i in range(B)]) for b in range(args.batches)]
-    rows: dict[str, dict[str, list[float]]] = {name: {"loss": [], "grad": [], "with_negative": []} for name in TERMS}
+    rows: dict[str, dict[str, list[float]]] = {name: {"loss": [], "grad": [], "with_negative": []} for name in terms}
     encoder = [p for p in model.backbone.parameters() if p.requires_grad]
     model.train()
     for bi, batch in enumerate(batches):
-        for name, (keep, overrides) in TERMS.items():
+        for name, (keep, overrides) in terms.items():
             c = copy.deepcopy(cfg)
             c.seco.lig = c.seco.lil = c.seco.rectify = True
             for w in WEIGHTS:
