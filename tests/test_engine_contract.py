@@ -50,8 +50,9 @@ def test_staged_method_two_ranks_equal_one_process(tmp_path):
 
     api.train("_toy_staged", "toy:x", tmp_path / "single", overrides=STAGED + ["train.batch_size=4"],
               show_progress=False)
+    # train.batch_size is the global batch: 4 over 2 ranks = 2 each, the single process's 4 per step
     kwargs = dict(method="_toy_staged", data="toy:x", out=str(tmp_path / "ddp"),
-                  overrides=STAGED + ["train.batch_size=2"], show_progress=False)
+                  overrides=STAGED + ["train.batch_size=4"], show_progress=False)
     mp.spawn(toy_method.ddp_worker, args=(2, _free_port(), kwargs), nprocs=2, join=True)
     a = load_checkpoint(tmp_path / "single/checkpoints/last.pt")
     b = load_checkpoint(tmp_path / "ddp/checkpoints/last.pt")

@@ -66,9 +66,9 @@ def test_torchrun_two_ranks_train_the_cpu_preset_then_a_moved_run_infers(name, t
 
     real = bb_module._load_weights
 
-    def no_weights(model, name_, spec_, pretrained, weights):
+    def no_weights(model, name_, spec_, pretrained, weights, *rest):
         assert not pretrained and weights is None, "inference tried to load pretrained weights"
-        return real(model, name_, spec_, pretrained, weights)
+        return real(model, name_, spec_, pretrained, weights, *rest)
 
     monkeypatch.setattr(bb_module, "_load_weights", no_weights)
     from labelwise.engine import api

@@ -178,5 +178,5 @@ def test_bad_inputs_give_one_line_errors(testbed, tmp_path, capsys, monkeypatch)
     assert ".png" in err and "17" in err
     # a dataset without masks and no --labels
     err = error(["train", "segmenter", "--data", f"folder:{root / 'JPEGImages'}", "--out", str(tmp_path / "r3"),
-                 *base])
+                 "--preset", "cpu", *base])  # a folder: dataset names its preset (it is no testbed)
     assert "no masks" in err and "--labels" in err
