@@ -135,26 +135,22 @@ class RunLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._text(record, prefix)
-        step = int(record.get("step", 0))
-        scalars = {k: v for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._scalars(_numbers(record), prefix, int(record.get("step", 0)))
+
+    def log_eval(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        scalars = _numbers(metrics)
+        self._text({"step": step, **scalars}, "eval")
+        self._scalars(scalars, "eval", step)
+
+    def _scalars(self, scalars: dict, prefix: str, step: int) -> None:
+        """TensorBoard and W&B get the same ``prefix/key`` scalars."""
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
-
-    def log_eval(self, metrics: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        scalars = {k: v for k, v in metrics.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._text({"step": step, **scalars}, "eval")
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"eval/{k}", v, step)
-        if self.wandb is not None:
-            self.wandb.log({f"eval/{k}": v for k, v in scalars.items()}, step=step)
 
     def _text(self, record: dict, prefix: str) -> None:
         with open(self.text, "a") as f:
@@ -168,6 +164,11 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _numbers(record: dict) -> dict:
+    """The numeric entries of a record other than its step (booleans are not scalars)."""
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _text_step(line: str) -> int:
