@@ -171,3 +171,116 @@ def test_convert_sbd_writes_the_vocaug_layout_that_loads_and_trains(tmp_path, ca
     assert main(["data", "convert", "sbd", str(sbd), str(voc)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{sbd_ids[0]}.mat" in err and "not an SBD class file" in err
+
+
+def _mat_structs(fields, rows):
+    """A 1 x N MATLAB struct array for scipy.io.savemat (``rows``: tuples in ``fields`` order)."""
+    arr = np.empty((1, len(rows)), dtype=[(f, object) for f in fields])
+    for k, r in enumerate(rows):
+        for f, v in zip(fields, r):
+            arr[0, k][f] = v
+    return arr
+
+
+def _mini_pascal_part(tmp_path):
+    """VOC 2010 images and Pascal-Part Annotations_Part/*.mat in the official structure (struct anno:
+    imname, objects(i).class / class_ind / mask / parts(j).part_name / mask)."""
+    from scipy.io import savemat
+
+    from labelwise.io import write_image
+
+    voc = tmp_path / "VOCdevkit" / "VOC2010"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    ann = tmp_path / "trainval" / "Annotations_Part"
+    ann.mkdir(parents=True)
+    H, W = 40, 48
+    rng = np.random.default_rng(0)
+
+    def box(y0, y1, x0, x1):
+        m = np.zeros((H, W), np.uint8)
+        m[y0:y1, x0:x1] = 1
+        return m
+
+    no_parts = np.zeros((0, 0))
+    images = {
+        # a person: head with an eye and an eyebrow inside, two arm parts; row 30 of the body has no part
+        "2008_000001": [("person", 15, box(2, 32, 4, 20), [("head", box(2, 10, 4, 20)), ("leye", box(4, 6, 6, 8)),
+                                                          ("lebrow", box(3, 4, 10, 14)), ("luarm", box(10, 20, 4, 8)),
+                                                          ("ruarm", box(10, 20, 16, 20)), ("torso", box(10, 30, 8, 16))]),
+                        ("boat", 4, box(20, 38, 24, 46), no_parts)],
+        # a bus with numbered doors and two sides; a bicycle whose headlight no 108 part holds
+        "2008_000002": [("bus", 6, box(4, 30, 2, 30), [("door_1", box(10, 20, 4, 8)), ("door_2", box(10, 20, 10, 14)),
+                                                        ("leftside", box(4, 30, 16, 30)), ("frontside", box(4, 10, 2, 16))]),
+                        ("bicycle", 2, box(30, 40, 30, 48), [("fwheel", box(30, 40, 30, 38)), ("bwheel", box(30, 40, 40, 48)),
+                                                              ("headlight_1", box(30, 32, 38, 40))])],
+        "2008_000003": [("tvmonitor", 20, box(5, 35, 5, 40), [("screen", box(8, 30, 8, 36))])],
+    }
+    for i, objs in images.items():
+        write_image(voc / "JPEGImages" / f"{i}.jpg", rng.integers(0, 255, (H, W, 3), dtype=np.uint8))
+        rows = []
+        for cls, ind, mask, parts in objs:
+            pa = parts if isinstance(parts, np.ndarray) else _mat_structs(("part_name", "mask"), parts)
+            rows.append((cls, ind, mask, pa))
+        savemat(ann / f"{i}.mat", {"anno": {"imname": i, "objects": _mat_structs(("class", "class_ind", "mask",
+                                                                                    "parts"), rows)}})
+    write_image(voc / "JPEGImages" / "2008_000009.jpg", rng.integers(0, 255, (H, W, 3), dtype=np.uint8))  # no .mat
+    (voc / "ImageSets/Main/train.txt").write_text("2008_000001\n2008_000002\n2008_000009\n")
+    (voc / "ImageSets/Main/val.txt").write_text("2008_000003\n")
+    return voc, ann.parent, images
+
+
+def test_convert_pascal_part_writes_a_parts_dataset_with_the_108_grouping(tmp_path, capsys):
+    from labelwise.data import build_dataset
+    from labelwise.data.adapters.pascal_part import PASCAL_PART108
+    from labelwise.io import read_label
+
+    voc, src, images = _mini_pascal_part(tmp_path)
+    out = tmp_path / "pp108"
+    assert main(["data", "convert", "pascal-part", str(src), str(out), "--images", str(voc), "--no-progress"]) == 0
+    msg = capsys.readouterr().out
+    assert "2 train / 1 val images, 107 parts" in msg and f"--data pascalpart:{out}" in msg
+    idx = {p: k + 1 for k, p in enumerate(PASCAL_PART108)}
+    parts = read_label(out / "parts/train/2008_000001.png")
+    objects = read_label(out / "objects/train/2008_000001.png")
+    assert (parts[4:6, 6:8] == idx[("person reye", "person")]).all()  # left eye: 108 keeps "reye" for both eyes
+    assert parts[8, 5] == idx[("person head", "person")]
+    assert parts[3, 12] == idx[("person head", "person")]  # eyebrow -> head
+    assert parts[15, 5] == parts[15, 17] == idx[("person ruarm", "person")]  # both upper arms -> ruarm
+    assert parts[30, 10] == 255 and objects[30, 10] == 15  # object pixels no part covers: ignore part, the object
+    assert parts[30, 30] == idx[("boat", "boat")] and objects[30, 30] == 4  # a part-less object is its own part
+    assert parts[39, 0] == 0 and objects[39, 0] == 0
+    bus = read_label(out / "parts/train/2008_000002.png")
+    assert bus[15, 5] == bus[15, 11] == idx[("bus door", "bus")]  # door_1, door_2 -> door
+    assert bus[20, 20] == bus[6, 5] == idx[("bus rightside", "bus")]  # left and front sides -> rightside
+    assert bus[31, 39] == 255  # the bicycle headlight: no Pascal-Part-108 part holds it
+    assert bus[35, 45] == idx[("bike fwheel", "bicycle")]
+    assert "2008_000009" not in {p.stem for p in (out / "images/train").iterdir()}  # no annotation, not listed
+    ds = build_dataset(f"parts:{out}", "val")
+    item = ds[0]
+    assert len(ds) == 1 and item["parts"].shape == (40, 48) and (item["parts"] == 107).sum() == 22 * 28
+    assert main(["data", "check", f"parts:{out}", "--split", "train"]) == 0
+    pp = build_dataset(f"pascalpart:{out}", "train")  # the adapter reads the converted objects, not parts-derived
+    k = pp.ids.index("2008_000001")
+    assert pp.load_objects(k)[30, 10] == 15 and pp.load_parts(k)[30, 10] == 255
+    assert main(["data", "check", f"pascalpart:{out}", "--split", "train"]) == 0
+    # every part pixel lies on its object (the hierarchy agrees with the object map)
+    fg = (parts > 0) & (parts < 255)
+    assert (ds.part_to_object[parts[fg]] == objects[fg]).all()
+    # fine: every official part; numbered instances merged
+    fine = tmp_path / "ppfine"
+    assert main(["data", "convert", "pascal-part", str(src), str(fine), "--images", str(voc), "--parts", "fine",
+                 "--no-progress"]) == 0
+    h = json.loads((fine / "hierarchy.json").read_text())
+    names = [p["name"] for p in h["parts"]]
+    assert "person lebrow" in names and "bus door" in names and "bus door_1" not in names
+    assert read_label(fine / "parts/train/2008_000002.png")[31, 39] == names.index("bicycle headlight") + 1
+    capsys.readouterr()
+    # bad inputs: one line naming the file or option and the fix
+    assert main(["data", "convert", "pascal-part", str(src), str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "--images" in capsys.readouterr().err
+    (src / "Annotations_Part/2008_000003.mat").write_bytes(b"not a mat file")
+    assert main(["data", "convert", "pascal-part", str(src), str(tmp_path / "y"), "--images", str(voc),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "2008_000003.mat" in err and "not a Pascal-Part annotation" in err

@@ -127,14 +127,26 @@ def register(subparsers, name: str = "data", help: str = "") -> argparse.Argumen
     c.set_defaults(func=_run_check)
 
     v = sub.add_parser("convert", help="turn an official download into the layout a loader reads",
-                       description="Turn an official dataset download into the layout labelwise reads. "
-                                   "sbd: the SBD benchmark_RELEASE folder (MATLAB .mat labels) into a PASCAL "
-                                   "VOC 2012 folder: SegmentationClassAug/, the SBD images and "
-                                   "ImageSets/Segmentation/train_aug.txt, for --data vocaug:OUT.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("kind", choices=("sbd",), help="which download")
-    v.add_argument("src", metavar="SRC", help="the download (sbd: benchmark_RELEASE/)")
-    v.add_argument("out", metavar="OUT", help="where it goes (sbd: the VOC2012 folder of VOCtrainval_11-May-2012)")
+                       description="Turn an official dataset download into the layout labelwise reads.\n"
+                                   "  sbd: the SBD benchmark_RELEASE folder (MATLAB .mat labels) into a PASCAL VOC "
+                                   "2012 folder: SegmentationClassAug/, the SBD images and "
+                                   "ImageSets/Segmentation/train_aug.txt, for --data vocaug:OUT.\n"
+                                   "  pascal-part: Pascal-Part's trainval/Annotations_Part/*.mat on the VOC 2010 "
+                                   "images (--images) into a parts: dataset (images/, parts/, objects/, "
+                                   "hierarchy.json), Pascal-Part-108's parts by default, for --data pascalpart:OUT.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                              "  labelwise data convert sbd benchmark_RELEASE VOCdevkit/VOC2012\n"
+                              "  labelwise data convert pascal-part trainval data/pascal-part108 "
+                              "--images VOCdevkit/VOC2010")
+    v.add_argument("kind", choices=("sbd", "pascal-part"), help="which download")
+    v.add_argument("src", metavar="SRC", help="the download (sbd: benchmark_RELEASE/; pascal-part: trainval/)")
+    v.add_argument("out", metavar="OUT", help="where it goes (sbd: the VOC2012 folder of VOCtrainval_11-May-2012; "
+                                              "pascal-part: a new folder)")
+    v.add_argument("--images", default=None, metavar="VOC2010",
+                   help="pascal-part: the VOC2010 folder (JPEGImages/, ImageSets/Main/{train,val}.txt)")
+    v.add_argument("--parts", default="108", choices=("108", "fine"),
+                   help="pascal-part: Pascal-Part-108's 107 parts (default) or every official part")
     add_progress(v)
     v.set_defaults(func=_run_convert)
     return parser
@@ -144,7 +156,17 @@ def _run_convert(args: argparse.Namespace) -> int:
     from labelwise.data.convert import CONVERTERS
     from labelwise.utils import progress_enabled
 
-    res = CONVERTERS[args.kind](args.src, args.out, show_progress=progress_enabled())
-    print(f"{args.kind}: {res['labels_written']} labels written, {res['images_copied']} images copied, "
-          f"{res['train_aug']} ids in train_aug.txt; use --data vocaug:{res['out']}")
+    if args.kind == "sbd":
+        if args.images is not None or args.parts != "108":
+            raise LabelwiseError("--images and --parts are pascal-part options; sbd takes SRC and OUT only")
+        res = CONVERTERS["sbd"](args.src, args.out, show_progress=progress_enabled())
+        print(f"sbd: {res['labels_written']} labels written, {res['images_copied']} images copied, "
+              f"{res['train_aug']} ids in train_aug.txt; use --data vocaug:{res['out']}")
+        return 0
+    res = CONVERTERS["pascal-part"](args.src, args.out, images=args.images, parts=args.parts,
+                                    show_progress=progress_enabled())
+    print(f"pascal-part: {res['train']} train / {res['val']} val images, {res['parts']} parts, "
+          f"{res['labels_written']} label pairs written ({res['labels_kept']} kept); ignore (255) pixels: "
+          f"{res['ignored_uncovered_px']} of objects no part covers, {res['ignored_unmapped_part_px']} of parts "
+          f"Pascal-Part-108 does not keep; use --data pascalpart:{res['out']}")
     return 0

@@ -5,7 +5,11 @@ Release layout (the segmentation-toolbox conversion distributed with the benchma
 
     ROOT/img_dir/{train,val}/<id>.{jpg,png}     (also ROOT/images/SPLIT, ROOT/JPEGImages/SPLIT)
     ROOT/ann_dir/{train,val}/<id>.png           part indices: 0 = background, 1..108, 255 = ignore
-                                                (also ROOT/annotations/SPLIT)
+                                                (also ROOT/annotations/SPLIT, ROOT/parts/SPLIT)
+    ROOT/objects/{train,val}/<id>.png           optional object maps (``labelwise data convert
+                                                pascal-part`` writes them from the official
+                                                object masks); without them, objects come
+                                                from the parts
 
 Part ``k`` belongs to the object named by its prefix (``aero`` -> aeroplane, ``mbike`` ->
 motorbike, ...; :data:`PASCAL_PART108`); objects (``background`` + the 20 VOC classes) are
@@ -64,7 +68,7 @@ class PascalPart108Dataset(ReleasePartsBase):
         else:
             self._setup(*hierarchy_arrays(list(VOC_CLASSES), PASCAL_PART108, "Pascal-Part-108"))
         img_dir = _first_dir(root / "img_dir" / split, root / "images" / split, root / "JPEGImages" / split)
-        ann_dir = _first_dir(root / "ann_dir" / split, root / "annotations" / split)
+        ann_dir = _first_dir(root / "ann_dir" / split, root / "annotations" / split, root / "parts" / split)
         if img_dir is None or ann_dir is None:
             raise LabelwiseError(f"{root / 'img_dir' / split} / {root / 'ann_dir' / split}: split folders not "
                                  "found; point pascalpart: at the Pascal-Part-108 root (img_dir/, ann_dir/)")
@@ -72,6 +76,14 @@ class PascalPart108Dataset(ReleasePartsBase):
         self._images, self._parts = pair_images_with_parts(img_dir, ann_dir, (".jpg", ".jpeg", ".png"),
                                                            "restore the annotations")
         self.ids = list(self._images)
+        self._objects: dict[str, Path] = {}
+        obj_dir = root / "objects" / split
+        if obj_dir.is_dir():
+            self._objects = pair_images_with_parts(img_dir, obj_dir, (".jpg", ".jpeg", ".png"),
+                                                   "restore the object maps or remove objects/")[1]
+
+    def object_files(self, index: int) -> Path | None:
+        return self._objects.get(self.ids[index])
 
 
 __all__ = ["PascalPart108Dataset", "PASCAL_PART108"]
