@@ -45,30 +45,22 @@ def _set(cfg, key: str, value) -> None:
     setattr(getattr(cfg, section), name, value)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a SeCo training run folder")
-    p.add_argument("--checkpoint", default=None, help="checkpoint to measure at (default: the run's last)")
-    p.add_argument("--batches", type=int, default=4, help="training batches to average over (default 4)")
-    p.add_argument("--out", default=None, help="write PREFIX.md and PREFIX.json")
-    args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
+def load_seco_run(run_dir: Path, checkpoint: str | None = None):
+    """``(method, cfg, info, meta, model, state, teacher, step, path)`` of a SeCo run at a checkpoint
+    (default: its last), on the CPU; refuses a checkpoint before ``loss.stage_contrast``."""
     from labelwise.blocks.ema import EMATeacher
     from labelwise.config import load_config
     from labelwise.engine import api
     from labelwise.engine.checkpoint import load_checkpoint, load_module_state
-    from labelwise.engine.method import StepContext
     from labelwise.engine.registry import get_method
 
-    run_dir = Path(args.run)
     meta = api.read_run(run_dir)
     method = get_method(meta["method"])
     if method.name != "seco":
         raise SystemExit(f"{run_dir}: a '{method.name}' run; this script measures SeCo runs")
     cfg = load_config(method.config_cls, run_dir / "config.yaml")
     info = api.load_info(run_dir)
-    path = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
+    path = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(path)
     model = method.build_model(cfg, info, pretrained=False)
     state = method.build_state(cfg, info)
@@ -78,12 +70,33 @@ def main() -> None:
     load_module_state(teacher, ckpt["ema"], path, "EMA teacher")
     teacher.eval()
     step = int(ckpt.get("step", cfg.train.max_steps))
-    if step < cfg.loss.stage_contrast or not int(state.queue.count):
-        raise SystemExit(f"{path}: step {step} is before loss.stage_contrast ({cfg.loss.stage_contrast}) or the "
-                         "reservoir is empty; pass a later --checkpoint")
+    if step < cfg.loss.stage_contrast:
+        raise SystemExit(f"{path}: step {step} is before loss.stage_contrast ({cfg.loss.stage_contrast}); "
+                         "pass a later --checkpoint")
+    return method, cfg, info, meta, model, state, teacher, step, path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a SeCo training run folder")
+    p.add_argument("--checkpoint", default=None, help="checkpoint to measure at (default: the run's last)")
+    p.add_argument("--batches", type=int, default=4, help="training batches to average over (default 4)")
+    p.add_argument("--out", default=None, help="write PREFIX.md and PREFIX.json")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    from labelwise.engine.method import StepContext
+
+    run_dir = Path(args.run)
+    method, cfg, info, meta, model, state, teacher, step, path = load_seco_run(run_dir, args.checkpoint)
+    if not int(state.queue.count) and not bool(state.seen.any()):
+        raise SystemExit(f"{path}: neither the reservoir nor the prototypes were ever filled (a run without LiL and "
+                         "LiG, or a checkpoint before loss.stage_contrast); pass another run or --checkpoint")
     terms = dict(TERMS)
     if not bool(state.seen.any()):  # a run without L_LiG (w/o LiG row) never updates the prototypes
-        terms = {n: t for n, t in TERMS.items() if "lig" not in t[0]}
+        terms = {n: t for n, t in terms.items() if "lig" not in t[0]}
+    if not int(state.queue.count):  # a run without L_LiL (w/o LiL row) never fills the reservoir
+        terms = {n: t for n, t in terms.items() if "lil" not in t[0]}
 
     ds = method.build_train_dataset(cfg, meta["data"], info)
     B = cfg.train.batch_size
@@ -94,7 +107,8 @@ def main() -> None:
     for bi, batch in enumerate(batches):
         for name, (keep, overrides) in terms.items():
             c = copy.deepcopy(cfg)
-            c.seco.lig = c.seco.lil = c.seco.rectify = True
+            c.seco.lig = c.seco.lil = True
+            c.seco.rectify = bool(int(state.queue.count))
             for w in WEIGHTS:
                 if w not in keep:
                     setattr(c.loss, w, 0.0)

@@ -88,6 +88,7 @@ class Run:
 
         from labelwise.engine.api import parse_what
         from labelwise.engine.method import PredictContext
+        from labelwise.engine.predict import same_size_batches
 
         whats = parse_what(what, self.method)
         batch, single = _as_list(images)
@@ -100,14 +101,9 @@ class Run:
         bs = batch_size or self.cfg.infer.batch_size
         results: list[dict] = []
         with torch.inference_mode():
-            group: list[dict] = []
-            for item in items + [None]:
-                if group and (item is None or item["input"].shape != group[0]["input"].shape or len(group) >= bs):
-                    inputs = torch.stack([it["input"] for it in group]).to(self.device)
-                    results += self.method.predict(self.model, {"inputs": inputs, "items": group}, ctx)
-                    group = []
-                if item is not None:
-                    group.append(item)
+            for group in same_size_batches(items, bs):
+                inputs = torch.stack([it["input"] for it in group]).to(self.device)
+                results += self.method.predict(self.model, {"inputs": inputs, "items": group}, ctx)
         out = [{w: r[w] for w in whats} for r in results]
         return out[0] if single else out
 

@@ -20,7 +20,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 __all__ = ["encode_mask", "encode_masks", "decode_mask", "decode_masks", "mask_to_bbox", "mask_area",
-           "rle_counts", "segmentation_problem", "results_to_dataset"]
+           "rle_counts", "segmentation_problem", "results_to_dataset",
+           "write_coco_dataset"]
 
 
 def _to_numpy(mask: Any) -> np.ndarray:
@@ -207,3 +208,20 @@ def results_to_dataset(results: Sequence[dict], category: str = "object") -> dic
         anns.append(ann)
     return {"images": images, "annotations": anns,
             "categories": [{"id": 1, "name": category, "supercategory": category, "isthing": 1}]}
+
+
+def write_coco_dataset(results_path, dataset_path=None) -> bool:
+    """Read the COCO results json at ``results_path`` and write it as a COCO dataset
+    (:func:`results_to_dataset`) to ``dataset_path`` (default: in place), atomically. A json that
+    is not a results list (e.g. a run's metadata) is left alone: returns False."""
+    import json
+    from pathlib import Path
+
+    from labelwise.io import atomic_write_json
+
+    results_path = Path(results_path)
+    recs = json.loads(results_path.read_text())
+    if not isinstance(recs, list):
+        return False
+    atomic_write_json(dataset_path or results_path, results_to_dataset(recs), indent=None)
+    return True

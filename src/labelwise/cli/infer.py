@@ -60,16 +60,10 @@ def run(args: argparse.Namespace) -> int:
                     show_progress=not args.no_progress, seeds=args.seeds)
     if dist.is_main():
         if args.coco_dataset:
-            import json
-
-            from labelwise.io import atomic_write_json
-            from labelwise.masks import results_to_dataset
+            from labelwise.masks import write_coco_dataset
 
             for f in sorted(out.glob("*.json")):
-                if f.name.startswith(".") or f.stem.endswith("_dataset"):
-                    continue
-                recs = json.loads(f.read_text())
-                if isinstance(recs, list):
-                    atomic_write_json(f.with_name(f"{f.stem}_dataset.json"), results_to_dataset(recs), indent=None)
+                if not (f.name.startswith(".") or f.stem.endswith("_dataset")):
+                    write_coco_dataset(f, f.with_name(f"{f.stem}_dataset.json"))
         print(f"labelwise: predictions written to {out}")
     return 0

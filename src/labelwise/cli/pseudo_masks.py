@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if args.cluster_maps:
             write_cluster_maps(args.out, args.images, args.cluster_maps)
         if args.format == "coco-dataset":
-            to_coco_dataset(args.out)
+            from labelwise.masks import write_coco_dataset
+
+            write_coco_dataset(args.out)
         msg = f"wrote {summary['masks']} masks for {summary['images']} images to {summary['out']}"
         if args.format == "coco-dataset":
             root = args.images if args.images is not None else "IMAGE_DIR"
@@ -105,13 +107,3 @@ def run(args: argparse.Namespace) -> int:
             msg += f"; {summary['skipped']} unreadable images listed in {summary['skipped_report']}"
         print(msg)
     return 0
-
-
-def to_coco_dataset(path) -> None:
-    """Rewrite the COCO results list at ``path`` as a COCO dataset (:func:`labelwise.masks.results_to_dataset`)."""
-    import json
-
-    from labelwise.io import atomic_write_json
-    from labelwise.masks import results_to_dataset
-
-    atomic_write_json(path, results_to_dataset(json.loads(open(path).read())), indent=None)

@@ -21,7 +21,7 @@ the dataset's fields (``image_id``, ``file_name``, ``image`` as uint8 H x W x 3,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -76,6 +76,19 @@ def _identity(x):
     return x
 
 
+def same_size_batches(items: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
+    """Consecutive items whose ``input`` tensors share one shape, in groups of at most ``batch_size``
+    (inputs of different sizes cannot be stacked); the order is kept."""
+    group: list[dict] = []
+    for item in items:
+        if group and (item["input"].shape != group[0]["input"].shape or len(group) >= batch_size):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
 def run_predict(predict_fn: Callable[[dict], list[dict[str, Any]]], dataset, writers: dict[str, Writer], *,
                 transform: Callable[[dict], dict] | None = None, batch_size: int = 1, num_workers: int = 0,
                 device: torch.device | str = "cpu", skip_bad: bool = False, show_progress: bool = True,
@@ -99,7 +112,6 @@ def run_predict(predict_fn: Callable[[dict], list[dict[str, Any]]], dataset, wri
                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
     skipped: list[tuple[str, str]] = []
     bar = progress(range(len(todo)), desc=desc, total=len(todo)) if show_progress else None
-    pending: list[dict] = []
 
     def run(group: list[dict]) -> None:
         inputs = torch.stack([it["input"] for it in group]).to(device, non_blocking=True)
@@ -114,22 +126,21 @@ def run_predict(predict_fn: Callable[[dict], list[dict[str, Any]]], dataset, wri
         if bar is not None:
             bar.update(len(group))
 
+    def predictable() -> Iterator[dict]:
+        for item in loader:
+            if "_skipped" in item:
+                skipped.append((item["file_name"], item["_skipped"]))
+                for writer in writers.values():
+                    writer.skip(item, item["_skipped"])
+                if bar is not None:
+                    bar.update(1)
+                continue
+            yield item
+
     try:
         with torch.inference_mode():
-            for item in loader:
-                if "_skipped" in item:
-                    skipped.append((item["file_name"], item["_skipped"]))
-                    for writer in writers.values():
-                        writer.skip(item, item["_skipped"])
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                if pending and (item["input"].shape != pending[0]["input"].shape or len(pending) >= batch_size):
-                    run(pending)
-                    pending = []
-                pending.append(item)
-            if pending:
-                run(pending)
+            for group in same_size_batches(predictable(), batch_size):
+                run(group)
     finally:
         for writer in writers.values():
             writer.close()

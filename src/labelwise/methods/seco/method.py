@@ -33,13 +33,18 @@ class SeCoState(nn.Module):
 class _TrainTransform:
     """Per-sample augmentation driven by the sampler's seed: the main crop (rescale, flip, crop,
     padded with the backbone's mean colour) with its valid-pixel mask, and the second global
-    view (a random resized crop of the whole image, flipped: the weak query view)."""
+    view (a random resized crop of the whole image, flipped: the weak query view).
 
-    def __init__(self, cfg):
+    ``carry_masks=True`` (analysis, e.g. ``bench/seco_anchor_tags.py``; training never reads it)
+    also returns the item's ground-truth ``mask`` under the same rescale, flip and crop as
+    ``gt`` (255 = ignore or padding); the random draws, hence the crop, are unchanged."""
+
+    def __init__(self, cfg, carry_masks: bool = False):
         from labelwise.modeling.backbones import pixel_stats
 
         self.cfg = cfg
         self.fill = pixel_stats(cfg.model.backbone)[0]
+        self.carry_masks = carry_masks
 
     def __call__(self, item: dict, rng: np.random.Generator) -> dict:
         from labelwise.data.transforms import MultiCropTransform, TrainTransform
@@ -54,13 +59,17 @@ class _TrainTransform:
         tf = TrainTransform(crop_size=d.crop_size, scale_range=tuple(d.scale_range), flip_p=0.5 if d.flip else 0.0,
                             jitter=(j, j, j, min(j / 4, 0.5)) if j > 0 else None, fill=self.fill, generator=g)
         H, W = item["image"].shape[:2]
-        out = tf({"image": item["image"], "mask": np.ones((H, W), np.uint8)})  # padding of the mask = 255
+        gt = {"objects": item["mask"]} if self.carry_masks and item.get("mask") is not None else {}
+        out = tf({"image": item["image"], "mask": np.ones((H, W), np.uint8), **gt})  # padding of the mask = 255
         gsize = s.global_size or d.crop_size
         view = MultiCropTransform(global_size=gsize, n_global=1, n_local=0, global_scale=(0.4, 1.0),
                                   flip_p=0.5 if d.flip else 0.0, generator=g)({"image": item["image"]})
-        return {"image": out["image"].as_subclass(torch.Tensor), "valid": out["mask"].as_subclass(torch.Tensor) == 1,
-                "view": view["global_views"][0].as_subclass(torch.Tensor),
-                "tags": torch.as_tensor(np.asarray(item["tags"], dtype=np.float32))}
+        res = {"image": out["image"].as_subclass(torch.Tensor), "valid": out["mask"].as_subclass(torch.Tensor) == 1,
+               "view": view["global_views"][0].as_subclass(torch.Tensor),
+               "tags": torch.as_tensor(np.asarray(item["tags"], dtype=np.float32))}
+        if gt:
+            res["gt"] = out["objects"].as_subclass(torch.Tensor).long()
+        return res
 
 
 class _InferTransform:
