@@ -47,7 +47,7 @@ def test_safetensors_holds_the_inference_weights_and_the_config(runs, tmp_path):
             assert torch.equal(st.get_tensor(k), v), k
 
 
-@pytest.mark.parametrize("name", ["cam", "segmenter", "seco"])
+@pytest.mark.parametrize("name", ["cam", "segmenter", "seco", "kmax"])
 def test_onnx_matches_pytorch_in_onnxruntime(runs, tmp_path, name):
     import onnxruntime as ort
 
