@@ -9,6 +9,7 @@ numpy, torch CPU, CUDA) and the data position (``epoch``, ``batch`` within the e
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -23,7 +24,10 @@ STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
 def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's key array as a tensor: the checkpoint then holds only what torch.load(weights_only=True) reads
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -31,7 +35,8 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -71,9 +76,38 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise LabelwiseError(f"{path}: checkpoint not found; train the run first (labelwise train ... --out RUN_DIR)")
+    try:  # tensors and plain containers only (no pickled code)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # a checkpoint of labelwise <= 0.1 holds numpy's RNG state as an array
+        if not _numpy_array_globals():
+            return _load_legacy(path, map_location)
+        try:
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise LabelwiseError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart from the "
+                                 "previous one") from None
+    except Exception as e:  # truncated / foreign file
+        raise LabelwiseError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart from the "
+                             "previous one") from None
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs (allow-listed for older checkpoints); [] on a torch
+    without ``torch.serialization.safe_globals`` (< 2.5)."""
+    if not hasattr(torch.serialization, "safe_globals"):
+        return []
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_legacy(path: Path, map_location) -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated / foreign file
+    except Exception as e:  # noqa: BLE001
         raise LabelwiseError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart from the "
                              "previous one") from None
 
