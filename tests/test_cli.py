@@ -150,3 +150,32 @@ def test_the_python_api_examples_run_as_written(tmp_path, monkeypatch):
     scope: dict = {}
     for code in blocks:
         exec(compile(code, "docs/api.md", "exec"), scope)
+
+
+@pytest.mark.slow
+def test_the_readme_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
+    """Every `labelwise` line of the README's Quick start and "See your masks" blocks, in order, in
+    an empty folder (only /tmp/cooc moved into it), exits 0 and leaves what the README promises."""
+    import json
+    import re
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Quick start"):text.index("## Commands")]
+    lines = [ln for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S) for ln in block.splitlines()]
+    commands = [shlex.split(ln.replace("/tmp/cooc", str(tmp_path / "cooc")), comments=True) for ln in lines
+                if ln.startswith("labelwise ")]
+    assert [c[1] for c in commands][:3] == ["data", "train", "infer"] and len(commands) >= 7
+    assert all(ln.startswith(("labelwise ", "pip install")) for ln in lines if ln.strip()), lines
+    for argv in commands:
+        assert main(argv[1:]) == 0, argv
+    capsys.readouterr()
+    assert (tmp_path / "runs/cam/checkpoints/last.pt").is_file()
+    n_train = len((tmp_path / "cooc/ImageSets/Segmentation/train.txt").read_text().split())
+    assert len(list((tmp_path / "pred/train").glob("*.png"))) == len(list((tmp_path / "pred/train").glob("*.npz"))) \
+        == n_train
+    assert 0.0 < json.loads((tmp_path / "m.json").read_text())["miou"] <= 1.0
+    assert isinstance(json.loads((tmp_path / "oap.json").read_text()), list)
+    for gallery in ("show/oap", "show/cam"):
+        assert (tmp_path / gallery / "index.html").is_file(), gallery
