@@ -6,16 +6,18 @@ As a library (``docs/api.md``)::
     run = lw.load("runs/seco")
     out = run.predict("photo.jpg", what="segmentation")
 
-``load``, ``train``, ``infer``, ``evaluate`` and ``pseudo_masks`` are imported on first use, so
+``load``, ``train``, ``infer``, ``evaluate``, ``pseudo_masks``, ``export`` and ``coco_dataset`` are
+imported on first use, so
 ``import labelwise`` stays light.
 """
 
 from labelwise.errors import LabelwiseError
 
 __version__ = "0.1.0"
-__all__ = ["LabelwiseError", "__version__", "Run", "load", "train", "infer", "evaluate", "pseudo_masks"]
+__all__ = ["LabelwiseError", "__version__", "Run", "load", "train", "infer", "evaluate", "pseudo_masks", "export",
+           "coco_dataset"]
 
-_LIBRARY = {"Run", "load", "train", "infer", "evaluate", "pseudo_masks"}
+_LIBRARY = {"Run", "load", "train", "infer", "evaluate", "pseudo_masks", "export", "coco_dataset"}
 
 
 def __getattr__(name: str):

@@ -157,3 +157,25 @@ def pseudo_masks(method: str, images: str | Path, out: str | Path | None = None,
                 raise LabelwiseError(f"{images}: folder not found; pass a folder of images or a FORMAT:PATH spec")
             generate(method, images, dst, device=device, show_progress=show_progress, **flags)
         return json.loads(dst.read_text())
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path, **options: Any) -> dict:
+    """``labelwise export``: the run's weights with its config (``fmt="safetensors"``), or images ->
+    raw maps as ``"onnx"`` / ``"torchscript"`` checked against PyTorch; ``options``: ``size=(h, w)``,
+    ``opset``, ``tol`` (see :func:`labelwise.engine.export.export_run`). Returns a summary."""
+    from labelwise.engine.export import export_run
+
+    return export_run(run_dir, fmt, out, **options)
+
+
+def coco_dataset(results: str | Path, out: str | Path | None = None) -> Path:
+    """A COCO *results* json (``pseudo_masks(..., out=...)``, ``--what universal``) rewritten as a COCO
+    *dataset* a detector trains on (images with sizes, RLE annotations with area and bbox, one
+    class-agnostic category, scores kept): ``out`` (default: beside it, ``*_dataset.json``)."""
+    from labelwise.masks import write_coco_dataset
+
+    results = Path(results)
+    dst = Path(out) if out is not None else results.with_name(f"{results.stem}_dataset.json")
+    if not write_coco_dataset(results, dst):
+        raise LabelwiseError(f"{results}: not a COCO results list; pass the json of pseudo-masks or --what universal")
+    return dst
