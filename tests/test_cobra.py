@@ -247,6 +247,7 @@ def test_the_whole_pipeline_recipe_runs_end_to_end(tmp_path, monkeypatch):
     IRN masks -> segmenter on them -> val segmentation, every stage evaluated, one table."""
     from labelwise.stages.runner import run_recipe
 
+    pytest.importorskip("pydensecrf.densecrf", reason="the pipeline's IR labels and CRF masks need pydensecrf2")
     monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
     res = run_recipe("cobra", tmp_path / "p", show_progress=False, log=lambda m: None,
                      overrides=["train=8", "val=3", "size=64", "steps=2", "irn_steps=2", "segmenter_steps=2",

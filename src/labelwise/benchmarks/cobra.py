@@ -79,6 +79,14 @@ def _train_kwargs(method: str, root: Path, preset: str) -> dict:
     return kw
 
 
+def _no_crf_sets(method: str) -> list[str]:
+    """IRN's IR labels need pydensecrf2; without it (e.g. Python 3.13) the timing runs without the
+    label CRF, and the result says so (``ir_crf``: false)."""
+    from labelwise.blocks.crf import crf_available
+
+    return ["irn.ir_crf=false"] if method == "irn" and not crf_available() else []
+
+
 def _measure_train(args, dev) -> dict:
 
     from labelwise.engine import api
@@ -89,10 +97,10 @@ def _measure_train(args, dev) -> dict:
     root = Path(args.root)
     with tempfile.TemporaryDirectory() as tmp:
         api.train(method, f"voc:{root}", Path(tmp) / "run", steps=args.warmup + args.steps,
-                  overrides=sets + [f"train.batch_size={BATCH}", "train.eval_at_end=false", f"train.device={dev}",
+                  overrides=sets + _no_crf_sets(method) + [f"train.batch_size={BATCH}", "train.eval_at_end=false", f"train.device={dev}",
                                     "train.ckpt_every=100000", "train.num_workers=0"],
                   hooks=[clock], show_progress=False, **_train_kwargs(method, root, args.preset))
-    return {"kind": "train", **clock.summary(BATCH)}
+    return {"kind": "train", **clock.summary(BATCH), **({"ir_crf": False} if _no_crf_sets(method) else {})}
 
 
 def _measure_infer(args, dev) -> dict:
@@ -105,8 +113,9 @@ def _measure_infer(args, dev) -> dict:
     spec = f"voc:{infer_root}"
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"  # a short training run gives the weights; only inference is timed
-        api.train(method, f"voc:{root}", run, steps=2, overrides=[f"train.batch_size={BATCH}", "train.eval_at_end=false",
-                                                          f"train.device={dev}", "train.num_workers=0"],
+        train_sets = _no_crf_sets(method) + [f"train.batch_size={BATCH}", "train.eval_at_end=false",
+                                             f"train.device={dev}", "train.num_workers=0"]
+        api.train(method, f"voc:{root}", run, steps=2, overrides=train_sets,
                   show_progress=False, **_train_kwargs(method, root, args.preset))
         sets = ["infer.num_workers=0"]
         seeds = str(infer_root.parent / "seeds-train") if method == "irn" else None
@@ -125,7 +134,7 @@ def _measure_infer(args, dev) -> dict:
                 times.append((time.perf_counter() - t0) / args.infer_images)
     return {"kind": "infer", "what": what, "ms_per_image": 1000 * statistics.median(times),
             "ms_per_image_min": 1000 * min(times), "ms_per_image_max": 1000 * max(times),
-            "images": args.infer_images, "repeats": len(times)}
+            "images": args.infer_images, "repeats": len(times), **({"ir_crf": False} if _no_crf_sets(method) else {})}
 
 
 def _measure(args) -> dict:
