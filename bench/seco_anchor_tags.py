@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seco_loss_strength import load_seco_run  # noqa: E402  (a sibling bench script)
+from seco_loss_strength import load_seco_run, write_report  # noqa: E402  (a sibling bench script)
 
 KINDS = ("same class", "other class", "mixed", "background")
 
@@ -129,11 +128,7 @@ def main() -> None:
             n = max(t["anchors"], 1)
             lines.append(f"| `{Path(r['run']).name}` | {r['step']} | {key} | {t['anchors'] / r['batches']:.1f} | "
                          + " | ".join(f"{t[k] / n:.2f}" for k in KINDS) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(results, indent=2) + "\n")
-        Path(args.out + ".md").write_text(text + "\n")
+    write_report("\n".join(lines), results, args.out)
 
 
 if __name__ == "__main__":

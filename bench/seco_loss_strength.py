@@ -76,6 +76,14 @@ def load_seco_run(run_dir: Path, checkpoint: str | None = None):
     return method, cfg, info, meta, model, state, teacher, step, path
 
 
+def write_report(text: str, result, out: str | None) -> None:
+    """Print the markdown table; with ``out``, also write ``out.md`` and ``out.json``."""
+    print(text)
+    if out:
+        Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(out + ".md").write_text(text + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a SeCo training run folder")
@@ -145,11 +153,7 @@ def main() -> None:
         lines.append(f"| {n} | {r['loss']['median']:.3f} ({r['loss']['min']:.3f}-{r['loss']['max']:.3f}) | "
                      f"{r['grad']['median']:.3f} ({r['grad']['min']:.3f}-{r['grad']['max']:.3f}) | "
                      f"{r['grad']['median'] / max(cls, 1e-12):.2f} | {neg} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(text + "\n")
+    write_report("\n".join(lines), result, args.out)
 
 
 if __name__ == "__main__":

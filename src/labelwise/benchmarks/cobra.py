@@ -95,12 +95,13 @@ def _measure_train(args, dev) -> dict:
     clock = StepClock(dev, args.warmup)
 
     root = Path(args.root)
+    no_crf = _no_crf_sets(method)
     with tempfile.TemporaryDirectory() as tmp:
         api.train(method, f"voc:{root}", Path(tmp) / "run", steps=args.warmup + args.steps,
-                  overrides=sets + _no_crf_sets(method) + [f"train.batch_size={BATCH}", "train.eval_at_end=false", f"train.device={dev}",
-                                    "train.ckpt_every=100000", "train.num_workers=0"],
+                  overrides=sets + no_crf + [f"train.batch_size={BATCH}", "train.eval_at_end=false",
+                                             f"train.device={dev}", "train.ckpt_every=100000", "train.num_workers=0"],
                   hooks=[clock], show_progress=False, **_train_kwargs(method, root, args.preset))
-    return {"kind": "train", **clock.summary(BATCH), **({"ir_crf": False} if _no_crf_sets(method) else {})}
+    return {"kind": "train", **clock.summary(BATCH), **({"ir_crf": False} if no_crf else {})}
 
 
 def _measure_infer(args, dev) -> dict:
@@ -113,7 +114,8 @@ def _measure_infer(args, dev) -> dict:
     spec = f"voc:{infer_root}"
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"  # a short training run gives the weights; only inference is timed
-        train_sets = _no_crf_sets(method) + [f"train.batch_size={BATCH}", "train.eval_at_end=false",
+        no_crf = _no_crf_sets(method)
+        train_sets = no_crf + [f"train.batch_size={BATCH}", "train.eval_at_end=false",
                                              f"train.device={dev}", "train.num_workers=0"]
         api.train(method, f"voc:{root}", run, steps=2, overrides=train_sets,
                   show_progress=False, **_train_kwargs(method, root, args.preset))
@@ -134,7 +136,7 @@ def _measure_infer(args, dev) -> dict:
                 times.append((time.perf_counter() - t0) / args.infer_images)
     return {"kind": "infer", "what": what, "ms_per_image": 1000 * statistics.median(times),
             "ms_per_image_min": 1000 * min(times), "ms_per_image_max": 1000 * max(times),
-            "images": args.infer_images, "repeats": len(times), **({"ir_crf": False} if _no_crf_sets(method) else {})}
+            "images": args.infer_images, "repeats": len(times), **({"ir_crf": False} if no_crf else {})}
 
 
 def _measure(args) -> dict:
