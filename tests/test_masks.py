@@ -92,3 +92,18 @@ def test_rle_counts_are_the_run_lengths_and_corrupt_rles_are_named():
     assert segmentation_problem([[1, 2, 3, 4, 5, 6]], 20, 30) is None
     assert segmentation_problem({"size": [2, 3], "counts": [1, 2, 3]}) is None
     assert "cover 5" in segmentation_problem({"size": [2, 3], "counts": [1, 2, 2]})
+
+
+def test_coco_dataset_of_a_json_that_is_no_results_list_is_a_one_line_error(tmp_path):
+    import json
+
+    import pytest
+
+    import labelwise as lw
+    from labelwise.errors import LabelwiseError
+
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"method": "cam"}))
+    with pytest.raises(LabelwiseError, match=r"run\.json: not a COCO results list") as e:
+        lw.coco_dataset(f)
+    assert "\n" not in str(e.value) and not (tmp_path / "run_dataset.json").exists()
