@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,26 @@ def test_variable_cycles_and_self_references_are_one_line_errors(tmp_path):
     q.write_text(yaml.safe_dump({"stages": [{"name": "a", "infer": {"run": "${a.run}", "split": "x"}}]}))
     with pytest.raises(LabelwiseError, match=r"refers to \$\{a...\}, itself"):
         load_recipe(q)
+
+
+def test_bench_recipe_tables_average_runs_and_merged_rows(tmp_path):
+    """``bench/recipe_tables.py``: a cell is the mean over runs and over the rows ``--merge`` folds
+    together (every value listed in run order); a metric no row has is not shown; a folder
+    without table.json stops with one line naming it."""
+    import runpy
+
+    mod = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "bench", "recipe_tables.py"))
+    for name, shift in (("a", 0.0), ("b", 0.2)):
+        (tmp_path / name).mkdir()
+        rows = [{"label": f"tau 0.1, training seed {s}", "miou": 0.4 + shift + 0.1 * s} for s in (0, 1)]
+        rows.append({"label": "control", "miou": 0.5 + shift, "ap50": 0.3})
+        (tmp_path / name / "table.json").write_text(json.dumps(rows))
+    out = tmp_path / "t"
+    assert mod["main"]([f"s0={tmp_path / 'a'}", f"s1={tmp_path / 'b'}", "--metrics", "miou,ap50,pq",
+                        "--merge", r", training seed \d+", "--out", str(out)]) == 0
+    text = out.with_suffix(".md").read_text()
+    assert "| row | miou | ap50 |" in text  # pq: in no row
+    assert "| tau 0.1 | 0.550 (0.400 / 0.500 / 0.600 / 0.700) | - |" in text
+    assert "| control | 0.600 (0.500 / 0.700) | 0.300 (0.300 / 0.300) |" in text
+    with pytest.raises(SystemExit, match="table.json: not found"):
+        mod["main"]([str(tmp_path), "--metrics", "miou"])

@@ -1,0 +1,84 @@
+"""Average the comparison tables of several recipe runs (``DIR/table.json``) into one Markdown table.
+
+Each row is an evaluate stage's label; each cell is the mean over the runs (and over the rows that
+``--merge`` folds together), followed by every value in brackets, so the spread is always in view.
+
+    # the OAP training table on two testbed seeds
+    python bench/recipe_tables.py seed0=runs/oap-s0 seed3=runs/oap-s3 --metrics ap50,ar100,ap,miou,pq
+    # a sweep whose labels carry the training seed: one row per setting, averaged over the seeds
+    python bench/recipe_tables.py runs/cocal-tau --merge ", training seed \\d+" --metrics part_miou,part_mavg
+
+``--out PREFIX`` also writes PREFIX.md and PREFIX.json (the numbers behind the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def load_rows(folder: str | Path) -> list[dict]:
+    path = Path(folder) / "table.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; pass the --out folder of a finished `labelwise run`")
+    return json.loads(path.read_text())
+
+
+def collect(runs: dict[str, list[dict]], metrics: list[str], merge: str | None) -> dict[str, dict[str, list[float]]]:
+    """``{row label: {metric: [values, in run order]}}``, rows in first-seen order."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for rows in runs.values():
+        for r in rows:
+            label = re.sub(merge, "", r["label"]) if merge else r["label"]
+            cell = table.setdefault(label, {m: [] for m in metrics})
+            for m in metrics:
+                if isinstance(r.get(m), (int, float)):
+                    cell[m].append(float(r[m]))
+    return table
+
+
+def render(table: dict[str, dict[str, list[float]]], metrics: list[str]) -> str:
+    shown = [m for m in metrics if any(c[m] for c in table.values())]
+    lines = ["| row | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    for label, cell in table.items():
+        out = []
+        for m in shown:
+            v = cell[m]
+            if not v:
+                out.append("-")
+            elif len(v) == 1:
+                out.append(f"{v[0]:.3f}")
+            else:
+                out.append(f"{sum(v) / len(v):.3f} (" + " / ".join(f"{x:.3f}" for x in v) + ")")
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="DIR or NAME=DIR: the --out folders of finished recipe runs")
+    ap.add_argument("--metrics", required=True, help="comma-separated metric keys of table.json (e.g. ap50,miou)")
+    ap.add_argument("--merge", help="regular expression removed from every label: rows that then share a label are "
+                                    "averaged (e.g. ', training seed \\d+')")
+    ap.add_argument("--out", help="also write OUT.md and OUT.json")
+    a = ap.parse_args(argv)
+    runs = {}
+    for spec in a.runs:
+        name, _, folder = spec.rpartition("=")
+        runs[name or folder] = load_rows(folder)
+    metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
+    table = collect(runs, metrics, a.merge)
+    text = f"Runs, in bracket order: {', '.join(runs)}.\n\n" + render(table, metrics)
+    print(text)
+    if a.out:
+        Path(a.out + ".md").write_text(text + "\n")
+        Path(a.out + ".json").write_text(json.dumps({"runs": {k: str(v) for k, v in zip(runs, a.runs)},
+                                                     "table": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
