@@ -44,9 +44,12 @@ def register(subparsers, name: str, help: str) -> None:
                         "ImageNet weights) = features.backbone")
     p.add_argument("--weights", default=None, metavar="PATH", help="backbone checkpoint file = features.weights")
     p.add_argument("--resolution", type=int, default=None, metavar="PX",
-                   help="square input size (default 448) = features.resolution")
+                   help="square input size (default 448; raised to N x stride by --grid N) = features.resolution")
     p.add_argument("--grid", type=int, default=None, metavar="N",
-                   help="resample the feature map to N x N tokens (e.g. CNN features) = features.grid")
+                   help="N x N tokens for the method: a finer key map is area-averaged down to N x N; a coarser "
+                        "one is never upsampled (interpolated neighbours look alike and OAP merges everything), "
+                        "the image goes in at N x stride px instead (e.g. --grid 28 with efficientnet_lite0, "
+                        "stride 32: 896 px) = features.grid")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per forward (default 4) = features.batch_size")
     add_set(p, help="dotted settings (see below), e.g. --set oap.vote=mean maskcut.rounds=5")
