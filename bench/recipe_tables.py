@@ -21,10 +21,15 @@ from pathlib import Path
 
 
 def load_rows(folder: str | Path) -> list[dict]:
+    """The run's ``table.json``; for a run stopped before its end, the ``metrics.json`` of every
+    evaluate stage that finished, labelled by its stage name."""
     path = Path(folder) / "table.json"
-    if not path.is_file():
-        raise SystemExit(f"{path}: not found; pass the --out folder of a finished `labelwise run`")
-    return json.loads(path.read_text())
+    if path.is_file():
+        return json.loads(path.read_text())
+    finished = sorted(Path(folder).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    if not finished:
+        raise SystemExit(f"{path}: not found, nor any STAGE/metrics.json; pass the --out folder of a `labelwise run`")
+    return [{**json.loads(p.read_text()), "label": p.parent.name} for p in finished]
 
 
 def collect(runs: dict[str, list[dict]], metrics: list[str], merge: str | None) -> dict[str, dict[str, list[float]]]:

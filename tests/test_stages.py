@@ -297,7 +297,7 @@ def test_variable_cycles_and_self_references_are_one_line_errors(tmp_path):
 def test_bench_recipe_tables_average_runs_and_merged_rows(tmp_path):
     """``bench/recipe_tables.py``: a cell is the mean over runs and over the rows ``--merge`` folds
     together (every value listed in run order); a metric no row has is not shown; a folder
-    without table.json stops with one line naming it."""
+    with neither table.json nor a finished stage stops with one line naming it."""
     import runpy
 
     mod = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "bench", "recipe_tables.py"))
@@ -314,4 +314,9 @@ def test_bench_recipe_tables_average_runs_and_merged_rows(tmp_path):
     assert "| tau 0.1 | 0.550 (0.400 / 0.500 / 0.600 / 0.700) | - |" in text
     assert "| control | 0.600 (0.500 / 0.700) | 0.300 (0.300 / 0.300) |" in text
     with pytest.raises(SystemExit, match="table.json: not found"):
-        mod["main"]([str(tmp_path), "--metrics", "miou"])
+        mod["main"]([str(tmp_path / "empty"), "--metrics", "miou"])
+    # a run stopped before its table: the finished evaluate stages, labelled by stage name
+    (tmp_path / "c" / "x_s0_eval").mkdir(parents=True)
+    (tmp_path / "c" / "x_s0_eval" / "metrics.json").write_text(json.dumps({"miou": 0.25}))
+    assert mod["main"]([str(tmp_path / "c"), "--metrics", "miou", "--merge", "_s\\d+", "--out", str(out)]) == 0
+    assert "| x_eval | 0.250 |" in out.with_suffix(".md").read_text()
