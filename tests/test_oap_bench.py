@@ -176,3 +176,29 @@ def test_gpu_timing_path_with_cuda_calls_stubbed(monkeypatch):
         assert out[f"ms_per_image{case}_min"] <= out[f"ms_per_image{case}"] <= out[f"ms_per_image{case}_max"]
     assert out["nodes"]["smooth_6"]["tokens"] == 36 and len(out["nodes"]["rough_6"]["instance_nodes"]) == 5
     assert len(synced) >= 2 * (1 + 2 * 2)            # around the warm-up and every timed call
+
+
+def test_bench_fit_to_targets_scores_a_model_against_its_pseudo_masks(tmp_path):
+    """``bench/oap_fit_to_targets.py``: masks scored against themselves as the ground truth reach AP50
+    1; with half of the targets missing from the predictions AR100 falls to about a half; semantic
+    records are not targets."""
+    import json
+    import os
+    import runpy
+
+    from labelwise.data.synth import generate
+
+    root = generate("objects", tmp_path / "o", n_train=1, n_val=3, size=64, seed=0)
+    gt = json.loads((root / "annotations" / "instances_val.json").read_text())
+    names = {im["id"]: im["file_name"] for im in gt["images"]}
+    rows = [{"image_id": a["image_id"], "file_name": names[a["image_id"]], "category_id": 1,
+             "segmentation": a["segmentation"], "score": 0.9, "level": "instance"} for a in gt["annotations"]]
+    semantic = [{**rows[0], "level": "semantic"}]
+    (tmp_path / "pseudo.json").write_text(json.dumps(rows + semantic))
+    (tmp_path / "all.json").write_text(json.dumps(rows))
+    (tmp_path / "half.json").write_text(json.dumps(rows[::2]))
+    mod = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "bench", "oap_fit_to_targets.py"))
+    full = mod["score_against_pseudo_masks"](root, tmp_path / "pseudo.json", tmp_path / "all.json")
+    assert full["ap50"] == pytest.approx(1.0) and full["targets_per_image"] == pytest.approx(len(rows) / 3)
+    half = mod["score_against_pseudo_masks"](root, tmp_path / "pseudo.json", tmp_path / "half.json")
+    assert half["ar100"] == pytest.approx(len(rows[::2]) / len(rows), abs=0.02)
