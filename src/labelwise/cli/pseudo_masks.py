@@ -22,7 +22,7 @@ EPILOG = """examples:
   torchrun --nproc_per_node=4 -m labelwise pseudo-masks oap --images imgs/ --out oap.json --weights W.pth
 
 --set keys (dotted): oap.{thresholds,sigma,w_f,w_s,min_area,min_area_frac,vote,edge_update,
-  semantic_pooling,center_features,dedup,nms_iou,score,impl,affinity,profiles,...}; maskcut.{tau,eps,
+  semantic_pooling,center_features,dedup,nms_iou,score,border,impl,affinity,profiles,...}; maskcut.{tau,eps,
   rounds,solver,center,crf,fill_holes,crf_iou,max_iou,min_area_frac}; tokencut.{tau,eps,solver,center};
   features.{backbone,weights,resolution,grid,batch_size,num_workers}; levels; cluster.{k,seed}.
 maskcut: the dense CRF post-processing is on when pydensecrf2 is installed, as released

@@ -58,6 +58,15 @@ Interpretation choices (the paper is loose here; all configurable, see ``OAPConf
   rest of the image; ``contrast_self`` is the same with the self-affinities ``A_ii = 1`` inside
   (the earlier definition: it favours small masks); ``persistence`` the fraction of layers the
   mask survived unchanged; ``contrast_persistence`` = contrast x persistence; ``area``.
+* Image border (``border``; masks unchanged, only scores): with CNN keys the tokens of the
+  outermost row/column share a zero-padding component (centred EfficientNet-Lite0 keys at 14x14:
+  mean affinity 0.25 between distinct ring tokens against ~0 between interior tokens, objects
+  testbed), so border strips and corners are tight, isolated clusters: high ``in``, low ``out``,
+  formed at the first layer and never merged (persistence 1). ``debias`` subtracts that per-image
+  excess ``δ = mean A(ring, ring) - mean A(interior, interior)`` (clamped at 0) from every
+  ring-ring pair in the contrast terms; ``prior`` multiplies the score by the boundary-connectivity
+  background weight ``exp(-BndCon² / 2)``, ``BndCon = |mask ∩ ring| / sqrt(|mask|)`` (σ = 1 as
+  in Zhu et al., CVPR 2014), a mask's length along the border relative to its size.
 
 Exact speed-ups (each gives the same masks; tests compare them with the plain computation):
 ``A`` from upper blocks only (it is symmetric) or, for ReLU backbones whose keys are mostly
@@ -82,9 +91,10 @@ from labelwise.pseudo.oap.graph import connected_components, relabel, segment_su
 
 __all__ = ["OAPConfig", "MaskSet", "OAPImageResult", "OnlineAgglomerativePooling", "LayerRecord", "Keys", "vote_embeddings",
            "vote_weights",
-           "grid_edges", "gram", "nms_keep"]
+           "grid_edges", "gram", "nms_keep", "border_ring", "ring_excess", "BORDER_RULES"]
 
 SCORES = ("contrast", "contrast_self", "persistence", "contrast_persistence", "area")
+BORDER_RULES = ("none", "debias", "prior")
 
 
 @dataclass
@@ -108,6 +118,12 @@ class OAPConfig:
                                                        "drop a mask with IoU > this to a kept better one (1.0 = off)")
     score: str = param("contrast_persistence", choices=SCORES,
                        help="mask scoring rule (for AP ranking; chosen on the objects train split, bench/README.md)")
+    border: str = param("none", choices=BORDER_RULES,
+                        help="image-border handling of the score (the masks are unchanged): none = as before; "
+                             "debias = the contrast terms without the per-image excess affinity among "
+                             "outermost-ring tokens (a zero-padding artefact of CNN keys); prior = score x "
+                             "exp(-BndCon^2 / 2), BndCon = ring tokens / sqrt(area) (boundary connectivity, "
+                             "Zhu et al. CVPR 2014); bench/oap_real_photos.md")
     impl: str = param("auto", choices=("auto", "compact", "static"),
                       help="compact (renumbered supernodes; CPU) or static (fixed slots, no host syncs; GPU); "
                            "auto = static on CUDA")
@@ -210,6 +226,28 @@ def grid_edges(h: int, w: int, batch: int = 1, device: Any = None) -> torch.Tens
 
 
 # ---------------------------------------------------------------------- the affinity A = F Fᵀ
+def border_ring(h: int, w: int, device: Any = None) -> torch.Tensor:
+    """``(h, w)`` bool: the tokens in the outermost row or column of the grid."""
+    ring = torch.zeros(h, w, dtype=torch.bool, device=device)
+    ring[0], ring[-1], ring[:, 0], ring[:, -1] = True, True, True, True
+    return ring
+
+
+def ring_excess(A: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(B,)``: mean affinity between distinct outermost-ring tokens minus that between distinct
+    interior tokens, clamped at 0 — how much more ring tokens look alike than content explains
+    (zero padding gives CNN keys a shared border component). 0 when the grid has no interior."""
+    if h < 3 or w < 3:
+        return A.new_zeros(A.shape[0])
+    ring = border_ring(h, w, A.device).flatten().to(A.dtype)
+    inner = 1.0 - ring
+    diag = A.diagonal(dim1=1, dim2=2)                                  # (B, N); 1 unless a key is all-zero
+    R, I = float(ring.sum()), float(inner.sum())
+    rr = (torch.einsum("bst,s,t->b", A, ring, ring) - diag @ ring) / (R * (R - 1))
+    ii = (torch.einsum("bst,s,t->b", A, inner, inner) - diag @ inner) / max(I * (I - 1), 1.0)
+    return (rr - ii).clamp(min=0)
+
+
 def _csr(x: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():                            # torch's sparse "beta" notice
         warnings.simplefilter("ignore", UserWarning)
@@ -524,8 +562,9 @@ class OnlineAgglomerativePooling(nn.Module):
             inst, sem, stats = self.pool_compact(K, A, h, w)
         self.last_stats = stats
         T = len(c.thresholds)
-        inst_sets = self.finalise(inst, B, h, w, T)
-        sem_sets = self.finalise(sem, B, h, w, T) if c.semantic_pooling else [
+        excess = ring_excess(A, h, w) if c.border == "debias" else None
+        inst_sets = self.finalise(inst, B, h, w, T, excess)
+        sem_sets = self.finalise(sem, B, h, w, T, excess) if c.semantic_pooling else [
             _empty_set(h, w, D, dev) for _ in range(B)]
         return [OAPImageResult(instance=i, semantic=s) for i, s in zip(inst_sets, sem_sets)]
 
@@ -619,8 +658,12 @@ class OnlineAgglomerativePooling(nn.Module):
         return LayerRecord(gassign, gsize, gimg, gV, *self._stats(gP, gassign, tok_pos, diag, G))
 
     # ------------------------------------------------------------------ dedup, scores, masks
-    def finalise(self, records: list[LayerRecord], B: int, h: int, w: int, T: int) -> list[MaskSet]:
-        """Masks with area >= phi of every layer -> per image: dedup, scores, NMS, dense masks."""
+    def finalise(self, records: list[LayerRecord], B: int, h: int, w: int, T: int,
+                 excess: torch.Tensor | None = None) -> list[MaskSet]:
+        """Masks with area >= phi of every layer -> per image: dedup, scores, NMS, dense masks.
+
+        ``excess`` (``(B,)``, ``border="debias"``): the per-image excess affinity of ring-ring token
+        pairs (:func:`ring_excess`), taken out of the contrast terms."""
         c = self.cfg
         N = h * w
         dev = records[0].assign.device
@@ -628,18 +671,26 @@ class OnlineAgglomerativePooling(nn.Module):
         phi = c.phi(N)
         gen = torch.Generator(device="cpu").manual_seed(0x0A9)
         tok_hash = torch.randint(0, 1 << 40, (N,), generator=gen).to(dev).repeat(B)   # exact subset hashing
-        cols = {k: [] for k in ("layer", "node", "img", "area", "hash", "in", "in_self", "out", "feat")}
+        ring_tok = border_ring(h, w, dev).flatten().to(records[0].row_in.dtype).repeat(B)
+        R = float(ring_tok[:N].sum())
+        cols = {k: [] for k in ("layer", "node", "img", "area", "hash", "in", "in_self", "out", "feat", "ring")}
         for t, r in enumerate(records):
             S = r.size.numel()
             keep = torch.nonzero(r.size >= phi).squeeze(1)
             n = r.size[keep]
             node_hash = segment_sum(tok_hash, r.assign, S)[keep]
+            ring = segment_sum(ring_tok, r.assign, S)[keep]                 # ring tokens in the mask
             row_in, total, self_aff = r.row_in[keep], r.total[keep], r.self_aff[keep]
             pair_sum = n * row_in                                        # Σ_{s,t∈i} A_st
             in_self = row_in / n
             in_noself = torch.where(n > 1, (pair_sum - self_aff) / (n * (n - 1)).clamp(min=1), in_self)
             out_n = N - n
             out = torch.where(out_n > 0, (total - row_in) / out_n.clamp(min=1), in_self)
+            if excess is not None:            # δ off each of the r(r-1) ring pairs inside, r(R-r) across
+                d = excess[r.node_img[keep]]
+                in_self = in_self - d * ring * (ring - 1) / (n * n)
+                in_noself = in_noself - torch.where(n > 1, d * ring * (ring - 1) / (n * (n - 1)).clamp(min=1), 0.0)
+                out = out - torch.where(out_n > 0, d * ring * (R - ring) / (n * out_n).clamp(min=1), 0.0)
             cols["layer"].append(torch.full((keep.numel(),), t, dtype=torch.long, device=dev))
             cols["node"].append(keep)
             cols["img"].append(r.node_img[keep])
@@ -649,6 +700,7 @@ class OnlineAgglomerativePooling(nn.Module):
             cols["in_self"].append(in_self)
             cols["out"].append(out)
             cols["feat"].append(r.features[keep])
+            cols["ring"].append(ring)
         cat = {k: torch.cat(v) for k, v in cols.items()}
         layer = cat["layer"]
         if layer.numel() == 0:
@@ -673,6 +725,9 @@ class OnlineAgglomerativePooling(nn.Module):
                  "persistence": lambda: pers,
                  "area": lambda: area.float() / N,
                  "contrast_persistence": lambda: contrast.clamp(min=0) * pers}[c.score]()
+        if c.border == "prior":                                     # boundary-connectivity background weight
+            bnd_con = cat["ring"][sel] / area.float().sqrt()
+            score = score * torch.exp(-0.5 * bnd_con ** 2)
         # dense token masks, built per layer from the token -> node maps (no loop over masks)
         Kn = sel.numel()
         masks = torch.zeros(Kn, B * N, dtype=torch.bool, device=dev)
