@@ -147,9 +147,11 @@ def plan(methods: list[str] | None = None, all_presets: bool = False, dry_run: b
     cheap, so a spent budget never costs them)."""
     from labelwise.config import to_dict
     from labelwise.engine.api import resolve_method_config
-    from labelwise.engine.registry import get_method, list_methods
+    from labelwise.engine.registry import BUILTIN_METHODS, get_method
 
-    known = list_methods()
+    # the project's own methods: the registry may also hold methods registered at run time
+    # (plugins, the test suite's toy method), which have no testbed here
+    known = sorted(BUILTIN_METHODS)
     chosen = known if methods is None else methods
     bad = [m for m in chosen if m not in known]
     if bad:
