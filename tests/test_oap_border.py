@@ -141,3 +141,11 @@ def test_bench_missing_quokka_says_how_to_get_it(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert "--quokka-image" in err and "pip download imgaug" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 5), (2, 3), (3, 3), (5, 9), (14, 14)])
+def test_ring_size_counts_the_border_ring_tokens(h, w):
+    """The ring's size comes from the grid's shape (no device read-back) and equals the mask's count."""
+    from labelwise.pseudo.oap.pooling import border_ring, ring_size
+
+    assert ring_size(h, w) == int(border_ring(h, w).sum())

@@ -91,7 +91,7 @@ from labelwise.pseudo.oap.graph import connected_components, relabel, segment_su
 
 __all__ = ["OAPConfig", "MaskSet", "OAPImageResult", "OnlineAgglomerativePooling", "LayerRecord", "Keys", "vote_embeddings",
            "vote_weights",
-           "grid_edges", "gram", "nms_keep", "border_ring", "ring_excess", "BORDER_RULES"]
+           "grid_edges", "gram", "nms_keep", "border_ring", "ring_size", "ring_excess", "BORDER_RULES"]
 
 SCORES = ("contrast", "contrast_self", "persistence", "contrast_persistence", "area")
 BORDER_RULES = ("none", "debias", "prior")
@@ -233,6 +233,12 @@ def border_ring(h: int, w: int, device: Any = None) -> torch.Tensor:
     return ring
 
 
+def ring_size(h: int, w: int) -> int:
+    """Number of tokens in the outermost row or column of an ``h x w`` grid (from the shape, so
+    no device tensor is read back)."""
+    return h * w - max(h - 2, 0) * max(w - 2, 0)
+
+
 def ring_excess(A: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``(B,)``: mean affinity between distinct outermost-ring tokens minus that between distinct
     interior tokens, clamped at 0 — how much more ring tokens look alike than content explains
@@ -242,7 +248,8 @@ def ring_excess(A: torch.Tensor, h: int, w: int) -> torch.Tensor:
     ring = border_ring(h, w, A.device).flatten().to(A.dtype)
     inner = 1.0 - ring
     diag = A.diagonal(dim1=1, dim2=2)                                  # (B, N); 1 unless a key is all-zero
-    R, I = float(ring.sum()), float(inner.sum())
+    R = ring_size(h, w)
+    I = h * w - R
     rr = (torch.einsum("bst,s,t->b", A, ring, ring) - diag @ ring) / (R * (R - 1))
     ii = (torch.einsum("bst,s,t->b", A, inner, inner) - diag @ inner) / max(I * (I - 1), 1.0)
     return (rr - ii).clamp(min=0)
@@ -672,7 +679,7 @@ class OnlineAgglomerativePooling(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(0x0A9)
         tok_hash = torch.randint(0, 1 << 40, (N,), generator=gen).to(dev).repeat(B)   # exact subset hashing
         ring_tok = border_ring(h, w, dev).flatten().to(records[0].row_in.dtype).repeat(B)
-        R = float(ring_tok[:N].sum())
+        R = ring_size(h, w)
         cols = {k: [] for k in ("layer", "node", "img", "area", "hash", "in", "in_self", "out", "feat", "ring")}
         for t, r in enumerate(records):
             S = r.size.numel()
