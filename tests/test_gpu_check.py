@@ -3,24 +3,13 @@ method on its paper preset at the preset's crop and batch size. The dry run (CPU
 1 thread) writes an entry for every planned check, with finite losses and positive step times
 for fp32 and bf16. A failing check is recorded with its one line, and the checks after it run."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
+import bench_scripts
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_gpu_check()
+gpu_check = bench_scripts.load("gpu_check")
 
 
 def test_plan_trains_every_method_on_its_paper_preset():

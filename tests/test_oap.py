@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from labelwise.pseudo.oap.graph import cc_scipy, cc_torch, connected_components
-from labelwise.pseudo.oap.pooling import Keys, OnlineAgglomerativePooling, grid_edges
+from labelwise.pseudo.oap.pooling import Keys, OnlineAgglomerativePooling, _Nodes, _Store, grid_edges
 
 
 def _layout(h=16, w=16):
@@ -132,9 +132,14 @@ def test_pruned_similarity_equals_brute_force():
     P = A.reshape(288, 144)
     V = Fk.reshape(288, 8)
     e = grid_edges(12, 12, 2)
+    zeros = torch.zeros(288)
+    nodes = _Nodes(size=torch.ones(288), img=torch.arange(2).repeat_interleave(144), prow=torch.arange(288),
+                   self_aff=zeros, row_in=zeros, total=zeros, Q=torch.zeros(288, 3),
+                   qok=torch.zeros(288, dtype=torch.bool))
     for tau in (0.9, 0.8, 0.6):
-        got = oap._similarity(V, P, e[0], e[1], None, tau)
         sf = (V[e[0]] * V[e[1]]).sum(-1)
+        cache = torch.full((e.shape[1],), float("nan"))                 # S^s not known yet
+        got = oap._identify(nodes, _Store(P, False, V), e[0], e[1], sf, cache, tau)
         ss = 1 - (P[e[0]] - P[e[1]]).abs().mean(-1)
         want = 0.6 * sf + 0.4 * ss > tau
         assert torch.equal(got, want)

@@ -1,9 +1,8 @@
 """OAP's image-border score rules (``oap.border``) and the real-photo bench script's report."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+import bench_scripts
 import numpy as np
 import pytest
 import torch
@@ -90,11 +89,7 @@ def test_pseudo_masks_default_and_switch():
 
 # --------------------------------------------------------------------------- bench/oap_real_photos.py
 def _bench_module():
-    path = Path(__file__).resolve().parents[1] / "bench" / "oap_real_photos.py"
-    spec = importlib.util.spec_from_file_location("oap_real_photos", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load("oap_real_photos")
 
 
 def test_bench_report_on_a_tiny_synthetic_image(tmp_path):

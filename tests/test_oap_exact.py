@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse.csgraph import connected_components as scipy_cc
 
-from labelwise.pseudo.oap.pooling import (Keys, LayerRecord, OAPConfig, OnlineAgglomerativePooling, gram,
-                                          grid_edges, nms_keep)
+from labelwise.pseudo.oap.pooling import (Keys, LayerRecord, OAPConfig, OnlineAgglomerativePooling, _Nodes, _Store,
+                                          gram, grid_edges, nms_keep)
 
 
 def _cc(n, pairs):
@@ -125,10 +125,16 @@ def test_block_bound_pruning_equals_brute_force():
     P = torch.softmax(torch.randn(40, 300, generator=g), -1) * 300 * 0.2 + 0.1
     u, v = torch.triu_indices(40, 40, 1)
     sf = (Fk[u] * Fk[v]).sum(-1)
+    # every node's block sums at hand, so the block-sum bound prunes before Eq. 3
+    zeros = torch.zeros(40)
+    nodes = _Nodes(size=torch.ones(40), img=torch.zeros(40, dtype=torch.long), prow=torch.arange(40),
+                   self_aff=zeros, row_in=zeros, total=zeros, Q=oap._block_sums(P),
+                   qok=torch.ones(40, dtype=torch.bool))
+    store = _Store(P, False, Fk)
     want_all = {}
     for tau in (0.9, 0.7, 0.5, 0.3):
         want = 0.6 * sf + 0.4 * (1 - (P[u] - P[v]).abs().sum(-1) / 300) > tau
-        got = oap._similarity(Fk, P, u, v, sf, tau, blocks=oap._block_sums(P))
+        got = oap._exact_pairs(nodes, store, u, v, sf, tau)[0]
         assert torch.equal(got, want)
         want_all[tau] = int(want.sum())
     assert 0 < want_all[0.5] < u.numel()                               # the case is not trivial

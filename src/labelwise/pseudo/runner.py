@@ -32,7 +32,8 @@ from labelwise.io import list_images
 from labelwise.pseudo.common import (FeatureExtractor, PseudoMaskConfig, build_method, decode_embedding, kmeans,
                                      mask_records, resolve_pseudo_config, upsample_masks)
 
-__all__ = ["generate", "generate_from_spec", "run_pseudo_masks", "parts_dir", "skipped_path", "write_cluster_maps"]
+__all__ = ["generate", "generate_from_spec", "run_pseudo_masks", "image_records", "parts_dir", "skipped_path",
+           "write_cluster_maps"]
 
 
 def parts_dir(out: Path) -> Path:
@@ -115,16 +116,24 @@ def run_pseudo_masks(method: str, spec: str, split: str | None, out: str | Path,
         results = run(extractor.features(batch["inputs"]))
         payloads = []
         for item, pm in zip(batch["items"], results):
-            sel = [k for k, lv in enumerate(pm.levels) if lv in levels]
-            masks = upsample_masks(pm.masks[sel], item["image"].shape[:2])
-            keep = post(item["image"], masks) if post is not None else None
-            payloads.append({"masks": mask_records(_subset(pm, sel), masks, keep)})
+            payloads.append({"masks": image_records(pm, item["image"], levels, post)})
         return payloads
 
     summary = run_predict(predict, ds, {"masks": writer}, transform=_Resize(extractor.resolution),
                           batch_size=fc.batch_size, num_workers=fc.num_workers, device=extractor.device,
                           skip_bad=True, show_progress=show_progress, desc=f"{method} pseudo-masks")
     return summary["writers"]["masks"]
+
+
+def image_records(pm, image: np.ndarray, levels: Sequence[str], post=None) -> list[dict]:
+    """One image's token masks -> its COCO-RLE records, as ``pseudo-masks`` writes them: the masks of
+    ``levels``, upsampled to the image size (:func:`upsample_masks`), post-processed by ``post(image,
+    masks) -> keep`` (the method's ``postprocess``: MaskCut's CRF / hole filling; None: none) and encoded
+    (:func:`mask_records`). ``labelwise bench oap`` times this same call."""
+    sel = [k for k, lv in enumerate(pm.levels) if lv in levels]
+    masks = upsample_masks(pm.masks[sel], image.shape[:2])
+    keep = post(image, masks) if post is not None else None
+    return mask_records(_subset(pm, sel), masks, keep)
 
 
 class _Resize:

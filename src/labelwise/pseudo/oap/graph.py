@@ -24,8 +24,8 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["connected_components", "cc_torch", "cc_scipy", "canonical_labels", "segment_sum", "relabel",
-           "cc_fixed_rounds"]
+__all__ = ["connected_components", "cc_torch", "cc_scipy", "canonical_labels", "segment_sum", "segment_rows",
+           "relabel", "cc_fixed_rounds"]
 
 
 def canonical_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -79,9 +79,11 @@ def cc_scipy(num_nodes: int, edges: torch.Tensor) -> torch.Tensor:
 
 
 def connected_components(num_nodes: int, edges: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Labels (min node id of the component) of an undirected graph given as a (2, E) edge list."""
+    """Labels (min node id of the component) of an undirected graph given as a (2, E) edge list.
+    ``auto``: ``torch`` on other devices and for small graphs on the CPU (<= 1024 edges: no scipy
+    call overhead; measured 56 us vs 163 us at 40 edges, equal at ~1500), ``scipy`` otherwise."""
     if backend == "auto":
-        backend = "scipy" if edges.device.type == "cpu" else "torch"
+        backend = "scipy" if edges.device.type == "cpu" and edges.shape[1] > 1024 else "torch"
     if backend == "torch":
         return cc_torch(num_nodes, edges)
     if backend == "scipy":
@@ -116,6 +118,22 @@ def segment_sum(values: torch.Tensor, index: torch.Tensor, num: int,
     out = torch.zeros((num,) + tuple(values.shape[1:]), dtype=values.dtype, device=values.device)
     out.index_add_(0, index, values)
     return out
+
+
+def segment_rows(P: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, num: int,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[k] = sum_i [index_i == k] w_i P[rows_i]`` — :func:`segment_sum` of ``P[rows]`` without gathering
+    the rows: one CSR ``(num, len(P))`` x dense product reads them where they are (measured on CPU:
+    ~7x faster than gathering 3000 rows of 3136 first)."""
+    order = torch.argsort(index, stable=True)
+    crow = torch.zeros(num + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.cumsum(torch.bincount(index, minlength=num), 0)
+    w = weights[order].to(P.dtype) if weights is not None else torch.ones(index.numel(), dtype=P.dtype,
+                                                                          device=P.device)
+    with warnings.catch_warnings():                          # torch's sparse "beta" notices
+        warnings.simplefilter("ignore", UserWarning)
+        omega = torch.sparse_csr_tensor(crow, rows[order], w, (num, P.shape[0]))
+        return omega @ P
 
 
 def cc_fixed_rounds(num_nodes: int, edges: torch.Tensor, active_mask: torch.Tensor | None = None,

@@ -170,7 +170,7 @@ def static_layers(pool, K: Keys, A: torch.Tensor, h: int, w: int, *, capacity: i
             sf = pool._grid_feature(A, h, w)                         # V^0 = F: S^f read from A
             contract = c.w_f * sf + c.w_s > tau
             if c.w_s > 0:
-                ss = pool._grid_spatial(A, h, w)
+                ss = pool._grid_spatial(A, h, w, chunk_elems)
                 contract = contract & (c.w_f * sf + c.w_s * ss > tau)
             lab, conv = cc_fixed_rounds(BN, g, contract, rounds, jumps_tok)
             flag("cc_rounds", ~conv)
