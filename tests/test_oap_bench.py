@@ -36,6 +36,31 @@ def test_bench_oap_tiny_run_writes_contract_json(tmp_path, capsys):
                 if name != "oap":
                     ratio = r[f"ms_per_image_{c}{g}_t1"] / res["oap"][f"ms_per_image_{c}{g}_t1"]
                     assert r[f"x_oap_{c}{g}_t1"] == pytest.approx(ratio, rel=1e-12)
+    from labelwise.blocks.crf import crf_available
+
+    e2e_rows = list(SPEED) + (["maskcut_crf"] if crf_available() else [])     # end to end
+    for name in e2e_rows:
+        r = res[name]
+        for g in (6, 8):
+            e = r["e2e"][f"{g}_t1"]
+            assert r[f"e2e_ms_per_image_{g}_t1"] == e["median_ms"] > 0
+            assert e["min_ms"] <= e["median_ms"] <= e["max_ms"]
+            assert set(e["parts_ms"]) == set(e["parts"]) == {"decode", "features", "generator", "post"}
+            assert sum(e["parts_ms"].values()) == pytest.approx(e["median_ms"], rel=1e-9)   # parts add up
+            for p in e["parts"].values():
+                assert 0 <= p["min_ms"] <= p["median_ms"] <= p["max_ms"]
+            assert e["calls"] == 2 and e["threads"] == 1 and e["passes"] == 1 and e["images"] == 2
+            assert e["input_px"] == 32 * g and e["cpu_per_wall"] < 1.5
+            if name == "oap":
+                assert f"x_oap_e2e_{g}_t1" not in r
+            else:                                                       # this run's own numbers
+                assert r[f"x_oap_e2e_{g}_t1"] == pytest.approx(
+                    r[f"e2e_ms_per_image_{g}_t1"] / res["oap"][f"e2e_ms_per_image_{g}_t1"], rel=1e-12)
+    if crf_available():                                                 # one cut, two post-processings
+        a, b = res["maskcut"]["e2e"]["8_t1"], res["maskcut_crf"]["e2e"]["8_t1"]
+        for p in ("decode", "features", "generator"):
+            assert a["parts"][p] == b["parts"][p]
+    assert res["protocol"]["settings"]["e2e"] is True
     tg = res["targets"]["speed_8_t1"]
     assert tg["maskcut_over_oap"] == pytest.approx(res["maskcut"]["x_oap_8_t1"]) and tg["target"] == 30.0
 
@@ -62,8 +87,80 @@ def test_bench_oap_tiny_run_writes_contract_json(tmp_path, capsys):
     assert prot["phi_tokens"] == {"6": 1, "8": 1} and prot["stride"] == 32
     text = md.read_text()
     assert "| **OAP** |" in text and "x OAP 8² · 1 thr" in text and "oracle" in text and "layer 4" in text
+    assert "End to end, ms per image: decode + features + generator + masks/RLE" in text
+    assert "| **OAP** | 8² (256 px) · 1 thr |" in text
     table = capsys.readouterr().out
     assert "maskcut_lanczos" in table and "ms_per_image" in table.splitlines()[0]
+
+
+def test_no_e2e_skips_the_end_to_end_rows(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "oap", "--val", "1", "--train", "1", "--size", "64", "--grids", "6", "--no-quality",
+                 "--speed-images", "1", "--passes", "1", "--threads", "1", "--photos", "", "--content", "smooth",
+                 "--no-e2e", "--no-progress", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["oap"]["ms_per_image_6_t1"] > 0 and res["protocol"]["settings"]["e2e"] is False
+    assert not any(k.startswith(("e2e", "x_oap_e2e")) for r in res.values() for k in r)
+
+
+def test_e2e_summary_parts_of_the_median_call_add_up():
+    calls = [{"decode": d, "features": 0.010, "generator": g, "post": 0.001, "masks": m}
+             for d, g, m in ((0.001, 0.004, 2), (0.003, 0.001, 4), (0.002, 0.009, 3), (0.001, 0.002, 5))]
+    s = bench._e2e_summary(calls, cpu=[1.0, 1.0], wall=[1.0, 2.0], threads=1, images=2, passes=2)
+    # totals (ms) 16, 15, 22, 14: median 15.5 = mean of the calls totalling 15 and 16
+    assert s["median_ms"] == pytest.approx(15.5)
+    assert s["min_ms"] == pytest.approx(14) and s["max_ms"] == pytest.approx(22)
+    assert s["parts_ms"]["decode"] == pytest.approx(2.0) and s["parts_ms"]["generator"] == pytest.approx(2.5)
+    assert sum(s["parts_ms"].values()) == pytest.approx(s["median_ms"])
+    assert s["parts"]["generator"] == {"median_ms": pytest.approx(3.0), "min_ms": pytest.approx(1.0),
+                                       "max_ms": pytest.approx(9.0)}
+    assert s["masks_per_image"] == 3.5 and s["cpu_per_wall"] == pytest.approx(2 / 3) and s["calls"] == 4
+    odd = bench._e2e_summary(calls[:3], [1.0], [1.0], 1, 3, 1)      # totals 16, 15, 22: the 16 ms call
+    assert odd["median_ms"] == pytest.approx(16) and odd["parts_ms"]["generator"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("method", ["oap", "maskcut"])
+def test_e2e_call_writes_what_pseudo_masks_writes(tmp_path, monkeypatch, method):
+    """The timed end-to-end call is the command's per-image path: its records are the ones
+    ``labelwise pseudo-masks`` writes for the same image, backbone, grid and settings."""
+    import warnings
+
+    from labelwise.data.synth import generate
+    from labelwise.pseudo import runner
+    from labelwise.pseudo.common import FeatureExtractor, build_method, resolve_pseudo_config
+
+    monkeypatch.setenv("LABELWISE_NO_PROGRESS", "1")
+    root = generate("objects", tmp_path / "o", n_train=1, n_val=2, size=64, seed=0)
+    images = root / "images" / "val"
+    fe = FeatureExtractor("efficientnet_lite0", None, 256, "cpu", 8)
+    sets = ["features.num_workers=0"]
+    out = tmp_path / f"{method}.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                 # maskcut without pydensecrf2
+        runner.generate(method, images, out, overrides=sets, extractor=fe, backbone="efficientnet_lite0",
+                        resolution=256, grid=8, batch_size=1, show_progress=False)
+        cfg = resolve_pseudo_config(method, sets, {"features": {"backbone": "efficientnet_lite0"}})
+        fn = build_method(method, cfg)
+
+    class Keep:
+        def __init__(self):
+            self.rows = {}
+
+        def write(self, item, recs):
+            self.rows[item["file_name"]] = recs
+
+    keep = Keep()
+    cli = json.loads(out.read_text())
+    names = sorted({r["file_name"] for r in cli})
+    assert names
+    for name in names:
+        t = bench.e2e_call(images / name, name, fe, fn, tuple(cfg.levels),
+                           {"row": getattr(fn.impl, "postprocess", None)}, {"row": keep})
+        assert set(t["row"]) == {"decode", "features", "generator", "post", "masks"}
+        mine = [{k: v for k, v in r.items() if k != "embedding"} for r in keep.rows[name]]
+        theirs = [{k: v for k, v in r.items() if k not in ("id", "image_id", "file_name")}
+                  for r in cli if r["file_name"] == name]
+        assert t["row"]["masks"] == len(mine) and mine == theirs
 
 
 def test_cuda_device_without_gpu_is_a_one_line_error(tmp_path, capsys):

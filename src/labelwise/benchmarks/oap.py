@@ -31,6 +31,23 @@ Protocol (one run; every method gets the same features of the same images):
   variants (the order rotates each pass) so that load drift on a shared machine hits all of them
   alike. Reported: the median per-image time over all timed calls and its spread (min, max);
   ``x_oap_*`` = variant median / OAP median (same content, grid, threads).
+* **End to end** (``--no-e2e`` skips it): what a user of ``labelwise pseudo-masks`` waits for per image,
+  for every speed variant at every timed grid and thread count, on the same ``--speed-images`` images (the
+  image files of the split, i.e. the ``smooth`` content) and ``--passes``, inside the same
+  :func:`pinned_threads` and through the same warm-up / interleaving (:func:`time_variants`). One call is
+  the command's per-image path, batch 1, under ``torch.inference_mode`` as in ``run_predict``:
+  ``decode`` = ``read_image`` of the file on disk + the command's resize to the backbone input
+  (``runner._Resize``, the DataLoader side: in the command it runs in ``features.num_workers`` worker
+  processes, here inline); ``features`` = ``FeatureExtractor.features`` at the speed rows' ``g * stride`` px;
+  ``generator`` = the method (``build_method``); ``post`` = :func:`labelwise.pseudo.runner.image_records`
+  (the written levels, ``upsample_masks`` to the image size, the method's ``postprocess`` -- MaskCut's hole
+  filling, and the CRF on the ``maskcut_crf`` row -- ``mask_records`` = COCO RLE + box + embedding) and the
+  ``CocoRLEWriter`` shard line (buffered write; the command's per-batch ``fsync`` is left out). The total
+  of a call is the sum of its parts; reported: the median total [min, max], the parts of the median call
+  (so they add up to it) and each part's own median [min, max]; ``x_oap_e2e_*`` = variant / OAP, same run.
+  ``maskcut_crf`` (when pydensecrf2 is installed; ``labelwise pseudo-masks maskcut`` runs the CRF then by
+  default) shares the decode, features and cut of each ``maskcut`` call and adds the released CRF in its
+  own post-processing, as the quality rows do.
 * **Quality** (``--quality-grids``, all cores): class-agnostic mask AP50 / AP / AR100 against the
   thing instances (pycocotools via ``labelwise.evaluation``) on every image of the split. OAP:
   instance-level masks, phi = ``--min-area-frac`` of the grid (``oap.min_area_frac``); MaskCut as
@@ -45,7 +62,8 @@ Protocol (one run; every method gets the same features of the same images):
 * ``--device cuda``: additionally OAP on the GPU (``oap_gpu``): a batch of ``--gpu-batch`` images
   at the largest grid, masks left on the GPU, ``torch.cuda.synchronize`` around each call, one
   warm-up, median over ``--passes`` calls, ms per image, backbone excluded. MaskCut/TokenCut have
-  no GPU path: they stay on the CPU.
+  no GPU path: they stay on the CPU. The end-to-end rows then run the features and OAP on the GPU
+  (synchronised after each), as ``labelwise pseudo-masks --device cuda`` does.
 
 Result: ``{"<variant>": {"ms_per_image": float, ...}}``; see :func:`run` for the keys, and
 ``--md`` writes the markdown tables of ``bench/README.md`` (:func:`markdown`).
@@ -86,6 +104,8 @@ SPEED_VARIANTS = {
 # the prototypes are already zero-mean in expectation; centring would make distinct regions look alike
 GT_OVERRIDES = ["oap.center_features=false", "maskcut.center=false", "maskcut.tau=0.15", "tokencut.center=false",
                 "tokencut.tau=0.2"]
+# rows of the end-to-end table (maskcut_crf: with pydensecrf2 only)
+E2E_ROWS = ("oap", "maskcut", "maskcut_crf", "maskcut_lanczos", "tokencut", "tokencut_lanczos")
 QUALITY_VARIANTS = {
     "oap": ("oap", []),
     "maskcut": ("maskcut", ["maskcut.solver=dense", "maskcut.crf=false"]),
@@ -155,11 +175,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="dotted pseudo-mask config override for every method, repeatable (e.g. --set oap.score=persistence); "
            "the variant-defining keys (solver, crf) win")
     a("--device", default="cpu",
-      help="cpu (default) or cuda: cuda extracts features there and adds oap_gpu (MaskCut/TokenCut stay on the CPU)")
+      help="cpu (default) or cuda: cuda extracts features there and adds oap_gpu (MaskCut/TokenCut stay on the CPU; "
+           "the end-to-end rows run features and OAP there, as pseudo-masks --device cuda does)")
     a("--gpu-batch", type=int, default=16, metavar="B", help="images per OAP call for oap_gpu (default 16)")
     a("--md", default=None, metavar="OUT.md", help="also write the markdown tables here")
     a("--no-speed", action="store_true", help="skip the CPU speed part")
     a("--no-quality", action="store_true", help="skip the AP part (oracle and ground-truth-feature rows too)")
+    a("--no-e2e", action="store_true",
+      help="skip the end-to-end rows (decode + features + generator + masks/RLE per image, every speed variant "
+           "at every grid and thread count: roughly doubles the speed part's time)")
 
 
 # --------------------------------------------------------------------------- threads
@@ -284,6 +308,61 @@ def _summary(t: dict, threads: int, images: int, passes: int) -> dict:
     return {"median_ms": statistics.median(w), "min_ms": min(w), "max_ms": max(w),
             "cpu_median_ms": statistics.median(c), "cpu_per_wall": sum(c) / max(sum(w), 1e-12),
             "threads": threads, "images": images, "passes": passes, "calls": len(w)}
+
+
+E2E_PARTS = ("decode", "features", "generator", "post")
+
+
+def e2e_call(path: str | Path, file_name: str, fe, run, levels, posts: dict, writers: dict) -> dict:
+    """One image through the per-image path of ``labelwise pseudo-masks`` (its own functions, batch 1):
+    decode + resize (the DataLoader side), features, the generator ``run``, then per row of ``posts``
+    (``{row: postprocess or None}``) :func:`~labelwise.pseudo.runner.image_records` and the row's
+    ``CocoRLEWriter`` line. Returns ``{row: {part: seconds, "masks": records written}}``: the rows share
+    the decode, features and generator of this call; each row's ``post`` is its own."""
+    from labelwise.io import read_image
+    from labelwise.pseudo.runner import _Resize, image_records
+
+    cuda = fe.device.type == "cuda"
+    with torch.inference_mode():                                   # as run_predict
+        t0 = time.perf_counter()
+        image = read_image(path)
+        item = _Resize(fe.resolution)({"image": image, "image_id": file_name, "file_name": file_name})
+        t1 = time.perf_counter()
+        keys = fe.features(item["input"][None].to(fe.device))
+        if cuda:
+            torch.cuda.synchronize(fe.device)
+        t2 = time.perf_counter()
+        pm = run(keys)[0]
+        if cuda:
+            torch.cuda.synchronize(fe.device)
+        t3 = time.perf_counter()
+        out, tp = {}, t3
+        for row, post in posts.items():
+            recs = image_records(pm, item["image"], levels, post)
+            writers[row].write(item, recs)
+            t4 = time.perf_counter()
+            out[row] = {"decode": t1 - t0, "features": t2 - t1, "generator": t3 - t2, "post": t4 - tp,
+                        "masks": len(recs)}
+            tp = t4
+    return out
+
+
+def _e2e_summary(calls: list[dict], cpu: list[float], wall: list[float], threads: int, images: int,
+                 passes: int) -> dict:
+    """Per-call parts (seconds) -> ``median_ms`` [``min_ms``, ``max_ms``] of the totals, ``parts_ms`` = the
+    parts of the median call (the mean of the two middle calls for an even count, as ``statistics.median``),
+    which add up to ``median_ms``, and ``parts`` = each part's own median / min / max."""
+    tot = [sum(c[p] for p in E2E_PARTS) for c in calls]
+    order = sorted(range(len(tot)), key=tot.__getitem__)
+    mid = order[(len(order) - 1) // 2: len(order) // 2 + 1]
+    return {"median_ms": 1000.0 * statistics.median(tot), "min_ms": 1000.0 * min(tot), "max_ms": 1000.0 * max(tot),
+            "parts_ms": {p: 1000.0 * statistics.fmean(calls[i][p] for i in mid) for p in E2E_PARTS},
+            "parts": {p: {"median_ms": 1000.0 * statistics.median(c[p] for c in calls),
+                          "min_ms": 1000.0 * min(c[p] for c in calls), "max_ms": 1000.0 * max(c[p] for c in calls)}
+                      for p in E2E_PARTS},
+            "masks_per_image": statistics.fmean(c["masks"] for c in calls),
+            "cpu_per_wall": sum(cpu) / max(sum(wall), 1e-12),
+            "threads": threads, "images": images, "passes": passes, "calls": len(calls)}
 
 
 def _node_summary(stats: list[dict], per_image_tokens: int) -> dict:
@@ -432,6 +511,13 @@ def run(args) -> dict:
       threads, images, passes, calls}};
     * quality: ``ap50_G``, ``ap_G``, ``ar100_G``, ``masks_per_image_G`` on ``oap``, ``maskcut``,
       ``maskcut_crf`` (pydensecrf2 only), ``tokencut``, ``oracle`` and ``*_gtfeat`` (at ``--gt-grid``);
+    * end to end (not with ``--no-e2e``; rows: the speed rows and ``maskcut_crf`` when pydensecrf2 is
+      installed): ``e2e_ms_per_image_G_tN`` = median ms per image of decode + features + generator + post
+      (masks at image size, RLE records, shard line); ``x_oap_e2e_G_tN`` = that / OAP's, same run (not on
+      the oap row); ``e2e`` = {"G_tN": {median_ms, min_ms, max_ms, parts_ms: {decode, features, generator,
+      post} of the median call (they sum to median_ms), parts: {part: {median_ms, min_ms, max_ms}},
+      masks_per_image, cpu_per_wall (per call; maskcut_crf's call is maskcut's), threads, images, passes,
+      calls, input_px}};
     * ``oap.nodes`` = {"C_G": {tokens, instance_nodes (mean per layer), semantic_nodes, *_per_image}};
     * ``features``: ``ms_per_image_G`` (all cores; ``ms_per_image`` = the largest grid), ``input_px_G``;
     * ``oap_gpu`` (``--device cuda``): ``ms_per_image`` (smooth), ``ms_per_image_rough``, spread, batch,
@@ -589,6 +675,9 @@ def run(args) -> dict:
                 results[name]["ms_per_image"] = results[name][
                     (f"ms_per_image_{max(grids)}_t{threads[0]}" if contents[0] == "smooth"
                      else f"ms_per_image_{contents[0]}_{max(grids)}_t{threads[0]}")]
+        # ------------------------------------------------------------ end to end (CPU unless --device cuda)
+        if grids and not args.no_e2e:
+            _e2e(args, results, images[:n_speed], fe, stride, grids, threads, flags, overrides, tmp, stage)
         # node counts on the photos (OAP only; cheap) when they were not timed
         if photo_keys and "photo" not in contents:
             impl = speed_runs["oap"]
@@ -689,6 +778,7 @@ def run(args) -> dict:
         "data": args.data or f"objects testbed (train {args.train}, val {args.val}, {args.size} px, seed {args.seed})",
         "split": args.quality_split, "images_scored": len(images) if qgrids else 0, "speed_images": n_speed,
         "passes": args.passes, "warmup_calls": 1, "threads": threads, "cores": cores, "content": contents,
+        "e2e": bool(grids) and not args.no_e2e,
         "rough_noise": args.rough_noise, "rough_snr_db": (0.0 - 20.0 * float(np.log10(args.rough_noise))
                                                           if args.rough_noise > 0 else None),
         "photos": photos, "grids": grids, "quality_grids": qgrids, "backbone": args.backbone,
@@ -707,6 +797,66 @@ def run(args) -> dict:
         Path(args.md).write_text(markdown(out))
     _log(f"done in {time.perf_counter() - t_start:.0f} s")
     return out
+
+
+def _e2e(args, results: dict, images: list[dict], fe, stride: int, grids: list[int], threads: list[int],
+         flags: dict, overrides: list[str], tmp: Path, stage) -> None:
+    """The end-to-end rows (see the module doc) into ``results``."""
+    from labelwise.blocks.crf import crf_available
+    from labelwise.engine.writers import CocoRLEWriter
+    from labelwise.pseudo.common import build_method, resolve_pseudo_config
+
+    runs, rows = {}, {}
+    for name, (m, o) in SPEED_VARIANTS.items():
+        cfg = resolve_pseudo_config(m, overrides + o, flags)
+        fn = build_method(m, cfg)
+        posts = {name: getattr(fn.impl, "postprocess", None)}
+        if name == "maskcut" and crf_available():              # the command's default when pydensecrf2 is there
+            m2, o2 = QUALITY_VARIANTS["maskcut_crf"]
+            posts["maskcut_crf"] = build_method(m2, resolve_pseudo_config(m2, overrides + o2, flags)).impl.postprocess
+        rows[name] = list(posts)
+        runs[name] = (fn, tuple(cfg.levels), posts)
+    writers = {row: CocoRLEWriter(tmp / "e2e" / f"{row}.json") for rs in rows.values() for row in rs}
+    items = list(range(len(images)))
+    total = len(runs) * (1 + args.passes * len(items)) * len(grids) * len(threads)
+    bar = _progress_bar(total, "end to end")
+    try:
+        for g in grids:
+            fe.resolution = g * stride                            # the speed rows' native input
+            for n in threads:
+                t_stage = time.perf_counter()
+                _log(f"end to end: {g}x{g} ({g * stride} px), {n} thread(s), {len(items)} images x "
+                     f"{args.passes} passes")
+                log: dict[str, list[dict]] = {name: [] for name in runs}
+
+                def call(i, name):
+                    fn, levels, posts = runs[name]
+                    log[name].append(e2e_call(images[i]["path"], images[i]["file_name"], fe, fn, levels, posts,
+                                              writers))
+
+                fns = {name: (lambda i, name=name: call(i, name)) for name in runs}
+                with pinned_threads(n):
+                    t = time_variants(fns, items, args.passes, bar=bar)
+                tag = f"{g}_t{n}"
+                for name, rs in rows.items():
+                    timed = log[name][1:]                         # [0] = the warm-up call
+                    for row in rs:
+                        s = _e2e_summary([c[row] for c in timed], t[name]["cpu"], t[name]["wall"], n, len(items),
+                                         args.passes)
+                        s["input_px"] = g * stride
+                        r = results.setdefault(row, {})
+                        r.setdefault("e2e", {})[tag] = s
+                        r[f"e2e_ms_per_image_{tag}"] = s["median_ms"]
+                for rs in rows.values():
+                    for row in rs:
+                        if row != "oap":
+                            results[row][f"x_oap_e2e_{tag}"] = (results[row][f"e2e_ms_per_image_{tag}"]
+                                                                / results["oap"][f"e2e_ms_per_image_{tag}"])
+                stage(f"e2e_{tag}", t_stage)
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
 
 
 def _counting(fn, bar):
@@ -815,6 +965,29 @@ def markdown(res: dict) -> str:
                   f"{res['features'].get('threads', '?')} threads: "
                   + ", ".join(f"{g}² ({res['features'].get(f'input_px_{g}', '?')} px) "
                               f"{_ms(res['features'][f'ms_per_image_{g}'])}" for g in fg), ""]
+    e2e_rows = [k for k in E2E_ROWS if "e2e" in res.get(k, {})]
+    if e2e_rows:
+        etags = list(res[e2e_rows[0]]["e2e"])
+        lines += [("End to end, ms per image: decode + features + generator + masks/RLE — the per-image path of "
+                   "`labelwise pseudo-masks`, batch 1, threads pinned; total = median [min–max] over "
+                   f"{prot.get('speed_images', '?')} images x {prot.get('passes', '?')} passes; the parts are "
+                   "those of the median call (they add up to the total); x = total / OAP's total"), "",
+                  "| variant | grid · threads | decode | features | generator | masks/RLE | total | x OAP "
+                  "| masks/img |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for t in etags:
+            g, n = t.split("_t")
+            for v in e2e_rows:
+                e = res[v]["e2e"].get(t)
+                if e is None:
+                    continue
+                pm = e["parts_ms"]
+                ratio = "" if v == "oap" else f"{res[v][f'x_oap_e2e_{t}']:.1f}x"
+                lines.append(f"| {label.get(v, v)} | {g}² ({e.get('input_px', '?')} px) · {n} thr | "
+                             + " | ".join(_ms(pm[p]) for p in E2E_PARTS)
+                             + f" | {_ms(e['median_ms'])} [{_ms(e['min_ms'])}–{_ms(e['max_ms'])}] | {ratio} | "
+                             f"{e['masks_per_image']:.1f} |")
+        lines.append("")
     if "oap_gpu" in res:
         gp = res["oap_gpu"]
         lines += [f"GPU OAP ({gp['gpu']}, batch {gp['batch']}, {gp['grid']}², masks left on the GPU): "
