@@ -20,44 +20,61 @@ import sys
 from pathlib import Path
 
 
-def load_rows(folder: str | Path) -> list[dict]:
-    """The run's ``table.json``; for a run stopped before its end, the ``metrics.json`` of every
-    evaluate stage that finished, labelled by its stage name."""
+def load_rows(folder: str | Path, from_stages: bool = False) -> list[dict]:
+    """The run's ``table.json``; for a run stopped before its end (or with ``from_stages``: a folder
+    that several partial recipes wrote into, each leaving a table of its own rows), the
+    ``metrics.json`` of every evaluate stage that finished, in the order they finished, labelled by
+    the stage's ``label`` (its record in ``DIR/.stages/``) or else its name."""
     path = Path(folder) / "table.json"
-    if path.is_file():
+    if path.is_file() and not from_stages:
         return json.loads(path.read_text())
     finished = sorted(Path(folder).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
     if not finished:
         raise SystemExit(f"{path}: not found, nor any STAGE/metrics.json; pass the --out folder of a `labelwise run`")
-    return [{**json.loads(p.read_text()), "label": p.parent.name} for p in finished]
+    rows = []
+    for p in finished:
+        label = p.parent.name
+        record = Path(folder) / ".stages" / f"{p.parent.name}.json"
+        if record.is_file():
+            label = (json.loads(record.read_text()).get("params") or {}).get("label") or label
+        rows.append({**json.loads(p.read_text()), "label": label})
+    return rows
 
 
-def collect(runs: dict[str, list[dict]], metrics: list[str], merge: str | None) -> dict[str, dict[str, list[float]]]:
-    """``{row label: {metric: [values, in run order]}}``, rows in first-seen order."""
-    table: dict[str, dict[str, list[float]]] = {}
-    for rows in runs.values():
+def collect(runs: dict[str, list[dict]], metrics: list[str], merge: str | None) -> dict[str, dict[str, list]]:
+    """``{row label: {metric: [values, in run order]}}``, rows in first-seen order; a run without the
+    row gets one ``None`` (shown as ``–``), so every bracket lists the runs in the same order."""
+    table: dict[str, dict[str, list]] = {}
+    for k, rows in enumerate(runs.values()):
+        seen = set()
         for r in rows:
             label = re.sub(merge, "", r["label"]) if merge else r["label"]
-            cell = table.setdefault(label, {m: [] for m in metrics})
+            cell = table.setdefault(label, {m: [None] * k for m in metrics})
+            seen.add(label)
             for m in metrics:
-                if isinstance(r.get(m), (int, float)):
-                    cell[m].append(float(r[m]))
+                cell[m].append(float(r[m]) if isinstance(r.get(m), (int, float)) else None)
+        for label, cell in table.items():
+            if label not in seen:
+                for m in metrics:
+                    cell[m].append(None)
     return table
 
 
-def render(table: dict[str, dict[str, list[float]]], metrics: list[str]) -> str:
-    shown = [m for m in metrics if any(c[m] for c in table.values())]
+def render(table: dict[str, dict[str, list]], metrics: list[str]) -> str:
+    shown = [m for m in metrics if any(x is not None for c in table.values() for x in c[m])]
     lines = ["| row | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
     for label, cell in table.items():
         out = []
         for m in shown:
             v = cell[m]
-            if not v:
+            present = [x for x in v if x is not None]
+            if not present:
                 out.append("-")
             elif len(v) == 1:
                 out.append(f"{v[0]:.3f}")
             else:
-                out.append(f"{sum(v) / len(v):.3f} (" + " / ".join(f"{x:.3f}" for x in v) + ")")
+                out.append(f"{sum(present) / len(present):.3f} ("
+                           + " / ".join("–" if x is None else f"{x:.3f}" for x in v) + ")")
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -69,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", help="regular expression removed from every label: rows that then share a label are "
                                     "averaged (e.g. ', training seed \\d+')")
     ap.add_argument("--out", help="also write OUT.md and OUT.json")
+    ap.add_argument("--from-stages", action="store_true",
+                    help="read every finished evaluate stage of each folder instead of its table.json")
     a = ap.parse_args(argv)
     runs = {}
     for spec in a.runs:
         name, _, folder = spec.rpartition("=")
-        runs[name or folder] = load_rows(folder)
+        runs[name or folder] = load_rows(folder, a.from_stages)
     metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
     table = collect(runs, metrics, a.merge)
     text = f"Runs, in bracket order: {', '.join(runs)}.\n\n" + render(table, metrics)

@@ -313,6 +313,14 @@ def test_bench_recipe_tables_average_runs_and_merged_rows(tmp_path):
     assert "| row | miou | ap50 |" in text  # pq: in no row
     assert "| tau 0.1 | 0.550 (0.400 / 0.500 / 0.600 / 0.700) | - |" in text
     assert "| control | 0.600 (0.500 / 0.700) | 0.300 (0.300 / 0.300) |" in text
+    # a run without a row: "–" in its place, the mean over the runs that have it
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "table.json").write_text(json.dumps([{"label": "control", "miou": 0.9}]))
+    assert mod["main"]([f"s0={tmp_path / 'a'}", f"s1={tmp_path / 'd'}", "--metrics", "miou",
+                        "--merge", r", training seed \d+", "--out", str(out)]) == 0
+    text = out.with_suffix(".md").read_text()
+    assert "| tau 0.1 | 0.450 (0.400 / 0.500 / –) |" in text
+    assert "| control | 0.700 (0.500 / 0.900) |" in text
     with pytest.raises(SystemExit, match="table.json: not found"):
         mod["main"]([str(tmp_path / "empty"), "--metrics", "miou"])
     # a run stopped before its table: the finished evaluate stages, labelled by stage name
@@ -320,3 +328,11 @@ def test_bench_recipe_tables_average_runs_and_merged_rows(tmp_path):
     (tmp_path / "c" / "x_s0_eval" / "metrics.json").write_text(json.dumps({"miou": 0.25}))
     assert mod["main"]([str(tmp_path / "c"), "--metrics", "miou", "--merge", "_s\\d+", "--out", str(out)]) == 0
     assert "| x_eval | 0.250 |" in out.with_suffix(".md").read_text()
+    # --from-stages: a folder whose table.json holds only the last partial recipe's rows; every finished
+    # evaluate stage is read, labelled by its record's label
+    (tmp_path / "c" / "table.json").write_text(json.dumps([{"label": "only the last", "miou": 0.9}]))
+    (tmp_path / "c" / ".stages").mkdir()
+    (tmp_path / "c" / ".stages" / "x_s0_eval.json").write_text(json.dumps({"params": {"label": "row x"}}))
+    assert mod["main"]([str(tmp_path / "c"), "--metrics", "miou", "--from-stages", "--out", str(out)]) == 0
+    text = out.with_suffix(".md").read_text()
+    assert "| row x | 0.250 |" in text and "only the last" not in text
