@@ -241,3 +241,18 @@ def test_vote_reuse_equals_full_vote(vote, monkeypatch):
             reuse = OnlineAgglomerativePooling(vote=vote, **kw)(keys)
             assert sum(voted) < n_full                                     # fewer supernodes voted
             _assert_same_output(full, reuse)
+
+
+def test_quiet_sparse_silences_only_torch_sparse_notices():
+    """The sparse products run without torch's "beta" notices; any other warning still reaches the user."""
+    import warnings
+
+    from labelwise.pseudo.oap.graph import quiet_sparse, segment_rows
+
+    P = torch.randn(6, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = segment_rows(P, torch.tensor([0, 2, 5]), torch.tensor([1, 0, 1]), 2)
+    assert torch.allclose(out, torch.stack([P[2], P[0] + P[5]]))
+    with pytest.warns(UserWarning, match="something else"), quiet_sparse():
+        warnings.warn("something else", UserWarning)

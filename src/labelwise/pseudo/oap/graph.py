@@ -18,6 +18,7 @@ synchronisation-free OAP path).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -25,7 +26,18 @@ import numpy as np
 import torch
 
 __all__ = ["connected_components", "cc_torch", "cc_scipy", "canonical_labels", "segment_sum", "segment_rows",
-           "relabel", "cc_fixed_rounds"]
+           "relabel", "cc_fixed_rounds", "quiet_sparse"]
+
+
+@contextlib.contextmanager
+def quiet_sparse():
+    """Silence only torch's sparse notices ("... support is in beta state", "Sparse invariant checks are
+    implicitly disabled"), which every sparse constructor repeats; any other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Sparse \w+ tensor support is in beta", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled",
+                                category=UserWarning)
+        yield
 
 
 def canonical_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -109,8 +121,7 @@ def segment_sum(values: torch.Tensor, index: torch.Tensor, num: int,
         w = weights.to(values.dtype) if weights is not None else torch.ones(
             index.numel(), dtype=values.dtype, device=values.device)
         rows = torch.stack([index, torch.arange(index.numel(), device=index.device)])
-        with warnings.catch_warnings():                      # torch's sparse "beta" notices
-            warnings.simplefilter("ignore", UserWarning)
+        with quiet_sparse():
             omega_t = torch.sparse_coo_tensor(rows, w, (num, index.numel()))
             return torch.sparse.mm(omega_t, values)
     if weights is not None:
@@ -130,8 +141,7 @@ def segment_rows(P: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, num: 
     crow[1:] = torch.cumsum(torch.bincount(index, minlength=num), 0)
     w = weights[order].to(P.dtype) if weights is not None else torch.ones(index.numel(), dtype=P.dtype,
                                                                           device=P.device)
-    with warnings.catch_warnings():                          # torch's sparse "beta" notices
-        warnings.simplefilter("ignore", UserWarning)
+    with quiet_sparse():
         omega = torch.sparse_csr_tensor(crow, rows[order], w, (num, P.shape[0]))
         return omega @ P
 

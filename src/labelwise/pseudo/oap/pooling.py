@@ -97,7 +97,6 @@ Exact speed-ups (each gives the same masks; tests compare them with the plain co
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +106,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from labelwise.config import from_dict, param
-from labelwise.pseudo.oap.graph import connected_components, segment_rows, segment_sum
+from labelwise.pseudo.oap.graph import connected_components, quiet_sparse, segment_rows, segment_sum
 
 __all__ = ["OAPConfig", "MaskSet", "OAPImageResult", "OnlineAgglomerativePooling", "LayerRecord", "Keys", "vote_embeddings",
            "vote_weights",
@@ -303,8 +302,7 @@ def ring_excess(A: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def _csr(x: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():                            # torch's sparse "beta" notice
-        warnings.simplefilter("ignore", UserWarning)
+    with quiet_sparse():
         return x.to_sparse_csr()
 
 
@@ -371,8 +369,7 @@ def gram(keys: Keys, mode: str, block: int = 512) -> torch.Tensor:
             j = min(i + block, N)
             if mode == "sparse":
                 r0, r1 = int(crow[i]), int(crow[j])
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
+                with quiet_sparse():
                     rows = torch.sparse_csr_tensor(crow[i:j + 1] - r0, col[r0:r1], val[r0:r1], (j - i, xb.shape[1]))
                 blk = rows @ xt[:, i:]
                 if keys.mu is not None:
@@ -616,8 +613,7 @@ class OnlineAgglomerativePooling(nn.Module):
             ids = torch.arange(S_old, device=edges.device)
             rows = torch.cat([c[edges[0]], c[edges[1]], c])
             cols = torch.cat([edges[1], edges[0], ids])
-            with warnings.catch_warnings():                        # torch's sparse "beta" notices
-                warnings.simplefilter("ignore", UserWarning)
+            with quiet_sparse():
                 X = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(rows.numel(), device=edges.device),
                                             (S, S_old)).coalesce()
                 Y = torch.sparse.mm(X, X.t()).coalesce()
