@@ -102,6 +102,33 @@ def test_color_jitter_changes_image_only():
     assert not torch.allclose(out["image"], ref)
 
 
+def test_color_jitter_draws_from_its_generator_only():
+    """Jitter on: the same seed gives the same image, and the global RNG is not consumed."""
+    state = torch.get_rng_state()
+    outs = [TrainTransform(40, scale_range=(1.0, 1.0), flip_p=0.0, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=1.0,
+                           generator=torch.Generator().manual_seed(7))(colour_item(40, 40))["image"] for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(torch.get_rng_state(), state)
+    other = TrainTransform(40, scale_range=(1.0, 1.0), flip_p=0.0, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=1.0,
+                           generator=torch.Generator().manual_seed(8))(colour_item(40, 40))["image"]
+    assert not torch.equal(outs[0], other)
+
+
+def test_color_jitter_brightness_factor_in_range():
+    """Brightness only: every pixel of a flat grey image scales by one factor drawn in [1 - b, 1 + b]."""
+    from labelwise.data.transforms import ColorJitter
+    from torchvision import tv_tensors
+
+    g = torch.Generator().manual_seed(0)
+    jitter = ColorJitter(brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0, p=1.0, generator=g)
+    factors = []
+    for _ in range(30):
+        img = jitter({"image": tv_tensors.Image(torch.full((3, 8, 8), 100, dtype=torch.uint8))})["image"]
+        assert img.unique().numel() == 1
+        factors.append(float(img.flatten()[0]) / 100)
+    assert 0.59 <= min(factors) and max(factors) <= 1.41 and max(factors) - min(factors) > 0.3
+
+
 def test_eval_transform_and_multicrop():
     e = EvalTransform(size=20)(colour_item(40, 56))
     assert e["image"].shape == (3, 20, 28) and e["mask"].shape == (40, 56) and e["orig_size"].tolist() == [40, 56]

@@ -117,19 +117,32 @@ class RandomHorizontalFlip:
 
 
 class ColorJitter:
-    """Photometric jitter of the image only (``torchvision.transforms.v2.ColorJitter``), with prob ``p``."""
+    """Photometric jitter of the image only, with prob ``p``: brightness, contrast and saturation
+    factors uniform in ``[max(0, 1 - x), 1 + x]``, a hue shift uniform in ``[-hue, hue]``, applied in
+    a random order (the recipe of ``torchvision.transforms.v2.ColorJitter``). Every draw comes from
+    ``generator`` -- torchvision's class draws from the global RNG, which a seeded, resumable
+    pipeline must not touch."""
 
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1,
                  p: float = 0.8, generator: torch.Generator | None = None):
-        self.jitter = v2.ColorJitter(brightness, contrast, saturation, hue)
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"ColorJitter: hue={hue} must lie in [0, 0.5]")
+        self.ops = [(F.adjust_brightness, brightness, 1.0), (F.adjust_contrast, contrast, 1.0),
+                    (F.adjust_saturation, saturation, 1.0), (F.adjust_hue, hue, 0.0)]
         self.p = p
         self.generator = generator
 
     def __call__(self, item: dict) -> dict:
         if _rand(self.generator) >= self.p:
             return item
+        image = item["image"]
+        for i in torch.randperm(len(self.ops), generator=self.generator).tolist():
+            adjust, strength, centre = self.ops[i]
+            if strength > 0:
+                lo = max(0.0, centre - strength) if centre else -strength
+                image = adjust(image, _uniform(lo, centre + strength, self.generator))
         out = dict(item)
-        out["image"] = self.jitter(item["image"])
+        out["image"] = image
         return out
 
 
