@@ -560,11 +560,14 @@ def run(args) -> dict:
     overrides = list(args.overrides)
     flags = {"features": {"backbone": args.backbone}, "oap": {"min_area_frac": float(args.min_area_frac)}}
 
-    def build(method: str, defining: list[str]):
-        cfg = resolve_pseudo_config(method, overrides + defining, flags)
-        return build_method(method, cfg)
+    def config(method: str, defining: list[str]):
+        return resolve_pseudo_config(method, overrides + defining, flags)
 
-    speed_runs = {k: build(m, o) for k, (m, o) in SPEED_VARIANTS.items()}
+    def build(method: str, defining: list[str]):
+        return build_method(method, config(method, defining))
+
+    speed_cfgs = {k: config(m, o) for k, (m, o) in SPEED_VARIANTS.items()}
+    speed_runs = {k: build_method(SPEED_VARIANTS[k][0], cfg) for k, cfg in speed_cfgs.items()}
     results: dict[str, dict] = {k: {} for k in SPEED_VARIANTS}
     results["features"] = {}
     oap_nodes: dict[str, dict] = {}
@@ -677,7 +680,8 @@ def run(args) -> dict:
                      else f"ms_per_image_{contents[0]}_{max(grids)}_t{threads[0]}")]
         # ------------------------------------------------------------ end to end (CPU unless --device cuda)
         if grids and not args.no_e2e:
-            _e2e(args, results, images[:n_speed], fe, stride, grids, threads, flags, overrides, tmp, stage)
+            _e2e(args, results, images[:n_speed], fe, stride, grids, threads, speed_runs, speed_cfgs, build, tmp,
+                 stage)
         # node counts on the photos (OAP only; cheap) when they were not timed
         if photo_keys and "photo" not in contents:
             impl = speed_runs["oap"]
@@ -800,22 +804,21 @@ def run(args) -> dict:
 
 
 def _e2e(args, results: dict, images: list[dict], fe, stride: int, grids: list[int], threads: list[int],
-         flags: dict, overrides: list[str], tmp: Path, stage) -> None:
-    """The end-to-end rows (see the module doc) into ``results``."""
+         speed_runs: dict, speed_cfgs: dict, build, tmp: Path, stage) -> None:
+    """The end-to-end rows (see the module doc) into ``results``: the speed rows' generators
+    (``speed_runs``, built from ``speed_cfgs``), plus MaskCut's CRF post-processing (its variant made by
+    ``build``) when pydensecrf2 is there."""
     from labelwise.blocks.crf import crf_available
     from labelwise.engine.writers import CocoRLEWriter
-    from labelwise.pseudo.common import build_method, resolve_pseudo_config
 
     runs, rows = {}, {}
-    for name, (m, o) in SPEED_VARIANTS.items():
-        cfg = resolve_pseudo_config(m, overrides + o, flags)
-        fn = build_method(m, cfg)
+    for name, fn in speed_runs.items():
         posts = {name: getattr(fn.impl, "postprocess", None)}
         if name == "maskcut" and crf_available():              # the command's default when pydensecrf2 is there
             m2, o2 = QUALITY_VARIANTS["maskcut_crf"]
-            posts["maskcut_crf"] = build_method(m2, resolve_pseudo_config(m2, overrides + o2, flags)).impl.postprocess
+            posts["maskcut_crf"] = build(m2, o2).impl.postprocess
         rows[name] = list(posts)
-        runs[name] = (fn, tuple(cfg.levels), posts)
+        runs[name] = (fn, tuple(speed_cfgs[name].levels), posts)
     writers = {row: CocoRLEWriter(tmp / "e2e" / f"{row}.json") for rs in rows.values() for row in rs}
     items = list(range(len(images)))
     total = len(runs) * (1 + args.passes * len(items)) * len(grids) * len(threads)
