@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from labelwise.data.transforms import (EvalTransform, MultiCropTransform, RandomHorizontalFlip, ToTensors,
@@ -127,6 +128,14 @@ def test_color_jitter_brightness_factor_in_range():
         assert img.unique().numel() == 1
         factors.append(float(img.flatten()[0]) / 100)
     assert 0.59 <= min(factors) and max(factors) <= 1.41 and max(factors) - min(factors) > 0.3
+
+
+def test_color_jitter_rejects_negative_strengths():
+    from labelwise.data.transforms import ColorJitter
+
+    for kw in ({"brightness": -0.1}, {"contrast": -0.1}, {"saturation": -0.1}, {"hue": 0.6}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            ColorJitter(**kw)
 
 
 def test_eval_transform_and_multicrop():

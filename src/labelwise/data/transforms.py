@@ -125,10 +125,16 @@ class ColorJitter:
 
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1,
                  p: float = 0.8, generator: torch.Generator | None = None):
+        for name, x in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if x < 0:
+                raise ValueError(f"ColorJitter: {name}={x} must be >= 0")
         if not 0 <= hue <= 0.5:
             raise ValueError(f"ColorJitter: hue={hue} must lie in [0, 0.5]")
-        self.ops = [(F.adjust_brightness, brightness, 1.0), (F.adjust_contrast, contrast, 1.0),
-                    (F.adjust_saturation, saturation, 1.0), (F.adjust_hue, hue, 0.0)]
+        # (adjust, range of its factor); None = off. All four stay in the list so the random order is
+        # drawn over the same four slots whichever are off.
+        factor = lambda x: (max(0.0, 1.0 - x), 1.0 + x) if x > 0 else None  # noqa: E731
+        self.ops = [(F.adjust_brightness, factor(brightness)), (F.adjust_contrast, factor(contrast)),
+                    (F.adjust_saturation, factor(saturation)), (F.adjust_hue, (-hue, hue) if hue > 0 else None)]
         self.p = p
         self.generator = generator
 
@@ -137,10 +143,9 @@ class ColorJitter:
             return item
         image = item["image"]
         for i in torch.randperm(len(self.ops), generator=self.generator).tolist():
-            adjust, strength, centre = self.ops[i]
-            if strength > 0:
-                lo = max(0.0, centre - strength) if centre else -strength
-                image = adjust(image, _uniform(lo, centre + strength, self.generator))
+            adjust, bounds = self.ops[i]
+            if bounds is not None:
+                image = adjust(image, _uniform(*bounds, self.generator))
         out = dict(item)
         out["image"] = image
         return out
