@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from scipy.sparse.csgraph import connected_components as scipy_cc
 
 from labelwise.pseudo.oap.pooling import (Keys, LayerRecord, OAPConfig, OnlineAgglomerativePooling, _Nodes, _Store,
-                                          gram, grid_edges, nms_keep)
+                                          gram, grid_edges, nms_keep, sparse_gram)
 
 
 def _cc(n, pairs):
@@ -117,6 +117,47 @@ def test_affinity_modes_equal_the_plain_product():
                 A = gram(k, mode, block)
                 torch.testing.assert_close(A, want, atol=2e-6, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_sparse_gram_any_channel_split_equals_the_plain_product(centre):
+    # channels from always-on to rare (plus two dead ones), so every split below leaves work on both sides
+    g = torch.Generator().manual_seed(4)
+    N, D = 400, 48
+    use = torch.linspace(0.0, 1.0, D)
+    use[:2] = 0.0
+    x = torch.rand(N, D, generator=g) * (torch.rand(N, D, generator=g) < use).float()
+    mu = x.mean(0, keepdim=True) if centre else None
+    xc = x - mu if centre else x
+    norm = xc.norm(dim=-1).clamp_min(1e-12)
+    Fk = xc / norm[:, None]
+    want = (Fk.double() @ Fk.double().t()).float()
+    for heavy in (0.0, 0.05, 0.3, 0.7, 2.0):                     # all dense ... all sparse
+        out = torch.full((N, N), float("nan"))
+        sparse_gram(x, Fk, 1 / norm, mu, out, heavy)
+        torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+
+
+def test_forward_reuses_its_affinity_memory_without_touching_earlier_results():
+    g = torch.Generator().manual_seed(5)
+    k1, k2 = (torch.relu(torch.randn(1, 9, 10, 32, generator=g) - 0.5) for _ in range(2))
+    oap = OnlineAgglomerativePooling(min_area=1)
+    r1 = oap(k1)[0]
+    before = [t.clone() for lv in ("instance", "semantic") for t in (r1.level(lv).masks, r1.level(lv).features,
+                                                                    r1.level(lv).scores)]
+    ptr = oap._a_buffer.data_ptr()
+    oap(k2)                                                        # same shape: same memory, overwritten
+    assert oap._a_buffer.data_ptr() == ptr
+    after = [t for lv in ("instance", "semantic") for t in (r1.level(lv).masks, r1.level(lv).features,
+                                                           r1.level(lv).scores)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    again = oap(k1)[0]
+    fresh = OnlineAgglomerativePooling(min_area=1)(k1)[0]
+    for lv in ("instance", "semantic"):
+        assert torch.equal(again.level(lv).masks, fresh.level(lv).masks)
+        assert torch.equal(again.level(lv).scores, fresh.level(lv).scores)
+    oap(torch.relu(torch.randn(2, 9, 10, 32, generator=g)))      # another shape: a new buffer
+    assert oap._a_buffer.shape == (2, 90, 90)
 
 def test_block_bound_pruning_equals_brute_force():
     g = torch.Generator().manual_seed(3)

@@ -73,8 +73,11 @@ Exact speed-ups (each gives the same masks; tests compare them with the plain co
 ``bench/oap_layer_profile.py``):
 
 * ``A`` from its upper triangle only (it is symmetric; one BLAS ``syrk`` per image on CPU) or, for
-  ReLU backbones whose keys are mostly zeros, from a sparse ``x xᵀ`` with an exact rank-2 correction
-  for the centring (``affinity``).
+  ReLU backbones whose keys are mostly zeros, split by channel (``sparse_gram``): the channels most
+  tokens use through ``syrk``, the others as a sparse x sparse product (``Σ_c nnz_c²`` products, 1-2 % of
+  ``N² D`` for EfficientNet-Lite0 keys), the centring put back exactly (``affinity``). On CPU ``forward``
+  keeps ``A``'s memory for the next call of the same shape (a fresh 3136² matrix costs ~13 ms of page
+  faults).
 * The first layer's ``S^f`` read from ``A`` (``M = I``); its ``S^s`` only where exact bounds leave the
   decision open: ``S^s <= 1`` rules an edge out, ``S^s >= 1 - |F_u - F_v|`` (rows of F have norm
   <= 1) rules it in.
@@ -148,8 +151,9 @@ class OAPConfig:
                            "auto = static on CUDA")
     affinity: str = param("auto", choices=("auto", "dense", "symmetric", "sparse"),
                           help="how A = F F^T is computed (all exact): one product, upper triangle only (BLAS "
-                               "syrk on CPU), or a sparse product of ReLU keys; auto = dense on GPU, sparse when >= "
-                               "80% of the keys are 0 on grids of >= 2048 tokens (measured crossover), else symmetric")
+                               "syrk on CPU), or split by channel for ReLU keys (syrk of the channels most tokens use + a sparse "
+                               "x sparse product of the rest); auto = dense on GPU, sparse when >= 80% of the keys are "
+                               "0 on grids of >= 2048 tokens (measured crossover), else symmetric")
     profiles: str = param("auto", choices=("auto", "segment", "features"),
                           help="profiles M_i A / |M_i| of new supernodes: segment sums of member rows, or "
                                "(mean member feature) F^T; auto picks the cheaper")
@@ -158,7 +162,9 @@ class OAPConfig:
                                       "fallback to compact)")
     static_pairs: int = param(1 << 16, range=(1, None),
                               help="static impl: candidate pairs per batch in semantic pooling (more: exact fallback)")
-    block: int = param(512, range=(16, None), help="row block of the symmetric / sparse affinity product")
+    block: int = param(512, range=(16, None), help="row block of the affinity products where BLAS syrk does not "
+                                                    "apply (off the CPU, other dtypes); semantic S^f matrices of more "
+                                                    "nodes than this use their upper triangle only")
     cc_backend: str = param("auto", choices=("auto", "torch", "scipy"), help="connected-components backend")
     cc_rounds: int = param(0, range=(0, None), help="static impl: hooking rounds of connected components (0 = "
                                                      "8 rounds x 4 pointer jumps, measured; a graph that does not "
@@ -301,11 +307,6 @@ def ring_excess(A: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (rr - ii).clamp(min=0)
 
 
-def _csr(x: torch.Tensor) -> torch.Tensor:
-    with quiet_sparse():
-        return x.to_sparse_csr()
-
-
 def _syrk_upper(F: torch.Tensor, out: torch.Tensor) -> bool:
     """``out (N, N)`` (C-contiguous) <- the upper triangle of ``F Fᵀ`` by BLAS ``?syrk`` (scipy): one call that
     does half a GEMM's products (CPU float32 / float64; measured 0.75x the time of the row-block products
@@ -325,7 +326,10 @@ def _syrk_upper(F: torch.Tensor, out: torch.Tensor) -> bool:
     return True
 
 
-def _mirror_upper(A: torch.Tensor, block: int) -> None:
+MIRROR_BLOCK = 128    # measured fastest at 3136 x 3136 float32, 1 thread: 128 6.4 ms, 512 9.9 ms, 1024 19 ms
+
+
+def _mirror_upper(A: torch.Tensor, block: int = MIRROR_BLOCK) -> None:
     """Fill the strict lower triangle of the square ``A`` from its upper triangle, block by block."""
     N = A.shape[0]
     for i in range(0, N, block):
@@ -335,47 +339,92 @@ def _mirror_upper(A: torch.Tensor, block: int) -> None:
         A[j:, i:j] = A[i:j, j:].t()
 
 
-def gram(keys: Keys, mode: str, block: int = 512) -> torch.Tensor:
-    """``A = F Fᵀ`` per image, ``(B, N, N)``.
+SPARSE_HEAVY = 1.0 / 32   # a key channel non-zero in more than this fraction of the tokens goes to the dense part
+                          # (measured: 3136 EfficientNet-Lite0 tokens x 1280 channels, 1 thread, median of 3 images
+                          # x 5: 1/8 171 ms, 1/12 131, 1/16 99, 1/24 89, 1/32 89, 1/48 89; syrk of all 131)
+
+def sparse_gram(x: torch.Tensor, F: torch.Tensor, inv_norm: torch.Tensor, mu: torch.Tensor | None,
+                out: torch.Tensor, heavy: float = SPARSE_HEAVY) -> None:
+    """``out (N, N) <- F Fᵀ`` for one image's ReLU keys ``x (N, D)`` (mostly zeros), ``F = (x - mu) * inv_norm``.
+
+    The channels split by how many tokens use them: ``F Fᵀ = Σ_{c ∈ dense} F_c F_cᵀ + Σ_{c ∈ sparse} F_c F_cᵀ``.
+    A channel non-zero in more than ``heavy * N`` tokens (a handful carry most of the products) is a column
+    of one BLAS ``syrk`` (upper triangle); the others are a sparse x sparse product of ``x̃ = inv_norm ⊙ x``
+    whose work is ``Σ_c nnz_c²`` (1-2 % of ``N² D`` for these keys; scipy's CSR product, then added in
+    place). The split is read from a row sample: it only moves work, any split gives the same sum.
+    Centring puts back, for the sparse channels ``S`` (``a = x_S mu_S``, ``ã = inv_norm ⊙ a``,
+    ``k = |mu_S|²``), exactly ``(x_i - mu)·(x_j - mu) = x_i·x_j - a_i - a_j + k`` scaled by
+    ``inv_i inv_j``: ``k inv invᵀ`` as one more ``syrk`` column ``sqrt(k) inv``, ``-(ã invᵀ + inv ãᵀ)`` by
+    BLAS ``syr2k`` on the same triangle. The result equals ``F Fᵀ`` up to float rounding (tests). CPU
+    only (scipy)."""
+    from scipy.linalg import blas
+    import scipy.sparse as sp
+
+    x, F, inv_norm = x.detach(), F.detach(), inv_norm.detach()
+    mu = None if mu is None else mu.detach()
+    N, D = x.shape
+    step = max(1, N // 512)                                      # split from a row sample: any split is exact
+    heavy_c = torch.count_nonzero(x[::step], dim=0) * step > heavy * N
+    dense_c = torch.nonzero(heavy_c).squeeze(1)
+    # x̃ on the sparse channels as CSR, from x's non-zeros (row-major = CSR order), no column gather
+    nz = torch.nonzero(x)
+    nz = nz[~heavy_c[nz[:, 1]]]
+    indptr = torch.zeros(N + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(nz[:, 0], minlength=N), 0, out=indptr[1:])
+    X = sp.csr_matrix(((x[nz[:, 0], nz[:, 1]] * inv_norm[nz[:, 0]]).numpy(), nz[:, 1].numpy(), indptr.numpy()),
+                      shape=(N, D))
+    factor = F.index_select(1, dense_c)                            # (N, d) C-order = the (d, N) F-order BLAS reads
+    if mu is not None:
+        mu_s = mu.reshape(-1).masked_fill(heavy_c, 0.0)            # mu on the sparse channels, 0 elsewhere
+        k = float(mu_s @ mu_s)
+        factor = torch.cat([factor, (k ** 0.5 * inv_norm)[:, None]], dim=1)
+    c = out.numpy()
+    if factor.shape[1] == 0:                                       # no dense channel
+        out.zero_()
+    else:
+        syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
+        r = syrk(1.0, factor.numpy().T, trans=1, lower=1, c=c.T, overwrite_c=1)
+        if not np.shares_memory(r, c):                             # pragma: no cover - f2py copied
+            out.copy_(torch.from_numpy(np.ascontiguousarray(r.T)))
+    if mu is not None and X.nnz:
+        a = torch.from_numpy(X @ mu_s.numpy())                     # ã = inv_norm ⊙ (x_S mu_S)
+        syr2k = blas.ssyr2k if F.dtype == torch.float32 else blas.dsyr2k
+        r = syr2k(-1.0, a.numpy()[None], inv_norm.numpy()[None], trans=1, lower=1, beta=1.0, c=c.T, overwrite_c=1)
+        if not np.shares_memory(r, c):                             # pragma: no cover - f2py copied
+            out.copy_(torch.from_numpy(np.ascontiguousarray(r.T)))
+    _mirror_upper(out)
+    if X.nnz:
+        prod = (X @ X.T).tocoo()
+        flat = torch.from_numpy(prod.row.astype(np.int64)) * N + torch.from_numpy(prod.col.astype(np.int64))
+        out.view(-1).index_add_(0, flat, torch.from_numpy(prod.data))
+
+def gram(keys: Keys, mode: str, block: int = 512, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``A = F Fᵀ`` per image, ``(B, N, N)`` (written into ``out`` when given).
 
     ``dense``: one batched product. ``symmetric``: only the blocks on and above the diagonal
     are multiplied, the others are their transposes (A is symmetric; ~0.6x the work; on CPU one
     BLAS ``syrk`` per image computes the upper triangle). ``upper``: the same, and the entries
     below the diagonal are left unset (for readers of ``i <= j`` only).
-    ``sparse``: the same blocks from the raw ReLU keys ``x`` (mostly zeros) as a sparse x dense
-    product, with the centring and the normalisation put back exactly:
-    ``(x_i - mu)·(x_j - mu) = x_i·x_j - a_i - a_j + mu·mu`` with ``a = x mu``.
+    ``sparse`` (CPU): from the raw ReLU keys ``x`` (mostly zeros), :func:`sparse_gram` — the channels most
+    tokens use through ``syrk``, the rest as a sparse x sparse product, the centring put back exactly;
+    elsewhere the blocks of ``symmetric``.
     """
     F = keys.F
     B, N, _ = F.shape
     if mode == "dense":
-        return torch.bmm(F, F.transpose(1, 2))
-    A = F.new_empty(B, N, N)
+        return torch.bmm(F, F.transpose(1, 2), out=out)
+    A = F.new_empty(B, N, N) if out is None else out
     for b in range(B):                                         # images, then fixed-size row blocks
         if mode in ("symmetric", "upper") and _syrk_upper(F[b], A[b]):
             if mode == "symmetric":
-                _mirror_upper(A[b], block)
+                _mirror_upper(A[b])
             continue
-        if mode == "sparse":
-            xb = keys.x[b]
-            xt = xb.t().contiguous()
-            xs = _csr(xb)                                      # converted once, sliced by row blocks
-            crow, col, val = xs.crow_indices(), xs.col_indices(), xs.values()
-            inv = keys.inv_norm[b]
-            if keys.mu is not None:
-                a = xb @ keys.mu[b, 0]
-                c = keys.mu[b, 0] @ keys.mu[b, 0]
+        if mode == "sparse" and F.device.type == "cpu" and F.dtype in (torch.float32, torch.float64):
+            sparse_gram(keys.x[b], F[b], keys.inv_norm[b], None if keys.mu is None else keys.mu[b], A[b])
+            continue
         for i in range(0, N, block):
             j = min(i + block, N)
-            if mode == "sparse":
-                r0, r1 = int(crow[i]), int(crow[j])
-                with quiet_sparse():
-                    rows = torch.sparse_csr_tensor(crow[i:j + 1] - r0, col[r0:r1], val[r0:r1], (j - i, xb.shape[1]))
-                blk = rows @ xt[:, i:]
-                if keys.mu is not None:
-                    blk.sub_(a[i:j, None]).sub_(a[None, i:]).add_(c)
-                blk.mul_(inv[i:j, None]).mul_(inv[None, i:])
-            elif mode in ("symmetric", "upper"):
+            if mode in ("symmetric", "upper", "sparse"):               # sparse off the CPU: the dense blocks
                 blk = F[b, i:j] @ F[b, i:].t()
             else:
                 raise ValueError(f"unknown affinity mode {mode!r}; use dense, symmetric, upper or sparse")
@@ -530,28 +579,45 @@ class OnlineAgglomerativePooling(nn.Module):
         self.last_stats: dict = {}
         self.profile: dict | None = None      # a dict: forward adds its per-part wall times (Laps)
         self._lap = Laps()
+        self._a_buffer: torch.Tensor | None = None   # forward's A, kept for the next call of the same shape
 
     # ------------------------------------------------------------------ graph initialisation
-    def prepare(self, keys: torch.Tensor) -> tuple[Keys, torch.Tensor]:
-        """``F`` (and the sparse factors when used) and ``A`` for keys ``(B, h, w, D)``."""
+    def prepare(self, keys: torch.Tensor, out: torch.Tensor | None = None) -> tuple[Keys, torch.Tensor]:
+        """``F`` (and the sparse factors when used) and ``A`` for keys ``(B, h, w, D)``; ``out``: a
+        ``(B, h*w, h*w)`` float32 tensor to write ``A`` into (else a new one)."""
         c = self.cfg
         B, h, w, D = keys.shape
         x = keys.reshape(B, h * w, D).float()
         mu = x.mean(dim=1, keepdim=True) if c.center_features else None
         xc = x - mu if mu is not None else x
         norm = xc.norm(dim=-1).clamp_min(1e-12)                 # as F.normalize
-        F = xc / norm[..., None]
+        F = xc.div_(norm[..., None]) if mu is not None else xc / norm[..., None]   # no second (B, N, D) temporary
         mode = c.affinity
         if mode == "auto":
             if keys.device.type != "cpu":
                 mode = "dense"
             else:
-                # the sparse product pays from ~2k tokens on (measured: 784 tokens x 1280 ReLU keys at 95%
-                # zeros, syrk 7.6 ms vs sparse 10; 3136 tokens, 100 vs 92)
+                # the sparse product pays from ~2k tokens on (measured, EfficientNet-Lite0 keys, 95% zeros, 1
+                # thread, median of 3 images x 5: 784 tokens syrk 9.3 ms vs sparse 11.8; 3136 tokens 131 vs 89);
+                # the share of zeros is read from a sample of the channels (it only picks the faster route)
                 big = h * w >= 2048
-                mode = "sparse" if big and int(torch.count_nonzero(x)) <= 0.2 * x.numel() else "symmetric"
+                xs = x[..., ::8]
+                mode = "sparse" if big and int(torch.count_nonzero(xs)) <= 0.2 * xs.numel() else "symmetric"
         k = Keys(F=F, x=x, mu=mu, inv_norm=1.0 / norm) if mode == "sparse" else Keys(F=F)
-        return k, gram(k, mode, c.block)
+        return k, gram(k, mode, c.block, out=out)
+
+    def _buffer(self, keys: torch.Tensor) -> torch.Tensor | None:
+        """``forward``'s ``A`` memory: the previous call's when the shape matches (CPU). A fresh 3136 x 3136
+        float32 matrix costs ~13 ms of first-touch page faults per call (measured: zeroing it fresh 15 ms,
+        again 1.8 ms); nothing a forward returns points into it."""
+        if keys.device.type != "cpu" or self.cfg.affinity == "dense":
+            return None
+        B, h, w, _ = keys.shape
+        buf = self._a_buffer
+        if buf is None or buf.shape != (B, h * w, h * w):
+            buf = self._a_buffer = None                              # free the old one before allocating
+            buf = self._a_buffer = torch.empty(B, h * w, h * w)
+        return buf
 
     # ------------------------------------------------------------------ identify (Eqs. 2-4)
     def _spatial(self, P: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -665,7 +731,7 @@ class OnlineAgglomerativePooling(nn.Module):
         if keys.dim() != 4:
             raise ValueError(f"OAP expects keys of shape (B, h, w, D), got {tuple(keys.shape)}")
         self._lap = Laps(self.profile)
-        K, A = self.prepare(keys)
+        K, A = self.prepare(keys, out=self._buffer(keys))
         self._lap("affinity")
         try:
             return self._pool(K, A, keys.shape[1], keys.shape[2], own_a=True)
