@@ -4,8 +4,9 @@
 
 Same features as ``labelwise bench oap`` (objects testbed, seed 0, 224 px images, EfficientNet-Lite0
 at the native grid), 3 images, one warm-up call, 3 timed passes; median [min-max] ms per image.
-Rows: ``affinity=dense`` (one product), ``symmetric`` (upper blocks), ``sparse`` (ReLU keys, rank-2
-centring correction) — all with identical masks (checked here too) — and the default config at
+Rows: ``affinity=dense`` (one product), ``symmetric`` (upper triangle, BLAS ``syrk``), ``sparse`` (ReLU
+keys split by channel: ``syrk`` of the channels most tokens use + a sparse x sparse product of the rest,
+centring put back exactly) — all with identical masks (checked here too) — and the default config at
 batch 1 vs all 3 images in one call.
 """
 

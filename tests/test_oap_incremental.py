@@ -276,3 +276,32 @@ def test_layer_profile_script_reports_every_layer(tmp_path):
     md = mod.markdown({"rough 12x12": r}, 1)
     assert "| instance | votes |" in md and "| semantic | S^f |" in md and "layer 4" in md
     assert oap.profile is None                                   # profiling is switched off again
+
+
+def test_speed_floor_script_layer0_and_table(tmp_path):
+    """``bench/oap_speed_floor.py`` on small keys: layer-0 counts follow the content, and the table is written."""
+    import json
+
+    mod = bench_scripts.load("oap_speed_floor")
+    olp = bench_scripts.load("oap_layer_profile")
+    oap = olp.build_oap(5 / 784)
+    halves = torch.zeros(1, 8, 8, 24)                               # two flat regions: edges inside are sure,
+    halves[:, :, :4, 0], halves[:, :, 4:, 1] = 1.0, 1.0             # the ones between ruled out (S^f = -1)
+    r = mod._layer0(oap, halves)
+    assert r["supernodes"] == 2 and r["rows_needed"] == 0 and r["tokens"] == 64
+    noisy = _rough(1, 8, 8, D=24, seed=15)
+    r = mod._layer0(oap, noisy)
+    assert r["supernodes"] > 1 and 0.0 <= r["undecided_frac"] <= 1.0
+    cache = tmp_path / "keys.pt"
+    torch.save({("smooth", 8): torch.relu(torch.randn(2, 8, 8, 24)), ("rough", 8): _rough(2, 8, 8, D=24, seed=16)},
+               cache)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"maskcut": {"ms_per_image_8_t1": 50.0, "ms_per_image_rough_8_t1": 60.0}}))
+    md, js = tmp_path / "floor.md", tmp_path / "floor.json"
+    assert mod.main(["--bench-json", str(bench), "--keys-cache", str(cache), "--grids", "8", "--images", "2",
+                     "--passes", "1", "--md", str(md), "--json", str(js)]) == 0
+    res = json.loads(js.read_text())["results"]
+    assert set(res) == {"smooth_8", "rough_8"}
+    for row in res.values():
+        assert row["floor_ms"] >= row["a_ms"] > 0 and row["best_ratio"] == pytest.approx(row["maskcut_ms"] / row["floor_ms"])
+    assert "| smooth 8² | 50 |" in md.read_text()
