@@ -176,7 +176,8 @@ def main(argv=None) -> int:
             return "-" if x is None else f"{x:.{d}f}"
         target = "" if r["target"] is None else f" (x{r['target']:.0f})"
         lines.append(f"| {k.replace('_', ' ')}² | {f(r['maskcut_ms'], 0)} | {f(r['budget_ms'])}{target} | "
-                     f"{f(r['oap_ms'])} | {f(r['ratio_now'])}x | {f(r['a_ms'])} | {100 * r['rows_needed_frac']:.0f} % | "
+                     f"{f(r['oap_ms'])} | {f(r['ratio_now'])}x | {f(r['a_ms'])} | "
+                     f"{100 * r['rows_needed_frac']:.0f} % | "
                      f"{r['supernodes_after_layer0']} | {f(r['votes_ms'])} | {100 * r['undecided_without_sf']:.0f} % | "
                      f"{f(r['fixed_ms'])} | {f(r['floor_ms'])} | {f(r['best_ratio'])}x |")
     lines += ["", "floor = A + fixed cost (+ Eq. 6 votes where most layer-1 edges need S^f)."]

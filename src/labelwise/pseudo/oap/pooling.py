@@ -151,9 +151,9 @@ class OAPConfig:
                            "auto = static on CUDA")
     affinity: str = param("auto", choices=("auto", "dense", "symmetric", "sparse"),
                           help="how A = F F^T is computed (all exact): one product, upper triangle only (BLAS "
-                               "syrk on CPU), or split by channel for ReLU keys (syrk of the channels most tokens use + a sparse "
-                               "x sparse product of the rest); auto = dense on GPU, sparse when >= 80% of the keys are "
-                               "0 on grids of >= 2048 tokens (measured crossover), else symmetric")
+                               "syrk on CPU), or split by channel for ReLU keys (syrk of the channels most tokens "
+                               "use + a sparse x sparse product of the rest); auto = dense on GPU, sparse when >= "
+                               "80% of the keys are 0 on grids of >= 2048 tokens (measured crossover), else symmetric")
     profiles: str = param("auto", choices=("auto", "segment", "features"),
                           help="profiles M_i A / |M_i| of new supernodes: segment sums of member rows, or "
                                "(mean member feature) F^T; auto picks the cheaper")
@@ -343,6 +343,7 @@ SPARSE_HEAVY = 1.0 / 32   # a key channel non-zero in more than this fraction of
                           # (measured: 3136 EfficientNet-Lite0 tokens x 1280 channels, 1 thread, median of 3 images
                           # x 5: 1/8 171 ms, 1/12 131, 1/16 99, 1/24 89, 1/32 89, 1/48 89; syrk of all 131)
 
+
 def sparse_gram(x: torch.Tensor, F: torch.Tensor, inv_norm: torch.Tensor, mu: torch.Tensor | None,
                 out: torch.Tensor, heavy: float = SPARSE_HEAVY) -> None:
     """``out (N, N) <- F Fᵀ`` for one image's ReLU keys ``x (N, D)`` (mostly zeros), ``F = (x - mu) * inv_norm``.
@@ -397,6 +398,7 @@ def sparse_gram(x: torch.Tensor, F: torch.Tensor, inv_norm: torch.Tensor, mu: to
         prod = (X @ X.T).tocoo()
         flat = torch.from_numpy(prod.row.astype(np.int64)) * N + torch.from_numpy(prod.col.astype(np.int64))
         out.view(-1).index_add_(0, flat, torch.from_numpy(prod.data))
+
 
 def gram(keys: Keys, mode: str, block: int = 512, out: torch.Tensor | None = None) -> torch.Tensor:
     """``A = F Fᵀ`` per image, ``(B, N, N)`` (written into ``out`` when given).
