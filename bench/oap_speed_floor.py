@@ -33,7 +33,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,17 +40,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGET = {28: 30.0, 56: 100.0}          # issue 25's ratios to released MaskCut, 1 thread
-
-
-def _median_ms(fn, items, passes: int) -> tuple[float, float, float]:
-    fn(items[0])
-    ts = []
-    for _ in range(passes):
-        for it in items:
-            t0 = time.perf_counter()
-            fn(it)
-            ts.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(ts), min(ts), max(ts)
 
 
 def _layer0(oap, keys: torch.Tensor):
@@ -113,11 +101,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import oap_layer_profile as olp
+    from oap_speedups import _time                 # warm-up, then passes: median, min, max ms per image
     from labelwise.benchmarks.oap import DEFAULT_MIN_AREA_FRAC, pinned_threads
     from labelwise.pseudo.oap.pooling import vote_weights, weighted_keys
 
-    bench = json.loads(Path(args.bench_json).read_text())
-    grids = [int(g) for g in args.grids.split(",")]
+    try:
+        bench = json.loads(Path(args.bench_json).read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"--bench-json {args.bench_json}: not a readable `labelwise bench oap --json` result ({e})")
+    try:
+        grids = [int(g) for g in args.grids.split(",")]
+    except ValueError:
+        ap.error(f"--grids {args.grids}: give comma-separated integers such as 28,56")
     pargs = argparse.Namespace(grids=grids, train=24, val=24, seed=0, rough_noise=1.0, images=args.images)
     cache = Path(args.keys_cache) if args.keys_cache else None
     if cache is not None and cache.exists():
@@ -139,18 +134,18 @@ def main(argv=None) -> int:
                 maskcut = bench.get("maskcut", {}).get(flat)
                 l0 = [_layer0(oap, it) for it in items]
                 S = round(statistics.mean(r["supernodes"] for r in l0))
-                total = _median_ms(lambda it: oap(it), items, args.passes)
+                total = _time(lambda it: oap(it), items, args.passes)
                 N = g * g
                 buf = torch.empty(1, N, N)                     # as forward: A's memory kept between calls
-                a_ms = _median_ms(lambda it: oap.prepare(it, out=buf), items, args.passes)
+                a_ms = _time(lambda it: oap.prepare(it, out=buf), items, args.passes)
                 K, A = oap.prepare(items[0])
                 Pr = A[0, :S]
                 size = torch.ones(S)
                 img = torch.zeros(S, dtype=torch.long)
-                votes = _median_ms(lambda _: weighted_keys(vote_weights(Pr, size, oap.cfg.sigma), K, img),
+                votes = _time(lambda _: weighted_keys(vote_weights(Pr, size, oap.cfg.sigma), K, img),
                                    items, args.passes)
                 tiny = torch.relu(torch.randn(1, 4, 4, D, generator=torch.Generator().manual_seed(0)))
-                fixed = _median_ms(lambda it: oap(it), [tiny], args.passes * len(items))
+                fixed = _time(lambda it: oap(it), [tiny], args.passes * len(items))
                 need_votes = statistics.mean(r["undecided_frac"] for r in l0)
                 floor = a_ms[0] + fixed[0] + (votes[0] if need_votes > 0.5 else 0.0)
                 res[f"{content}_{g}"] = {

@@ -306,3 +306,16 @@ def test_speed_floor_script_layer0_and_table(tmp_path):
         assert row["floor_ms"] >= row["a_ms"] > 0
         assert row["best_ratio"] == pytest.approx(row["maskcut_ms"] / row["floor_ms"])
     assert "| smooth 8² | 50 |" in md.read_text()
+
+
+def test_speed_floor_script_rejects_bad_input_in_one_line(tmp_path, capsys):
+    mod = bench_scripts.load("oap_speed_floor")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--bench-json", str(tmp_path / "missing.json")])
+    assert e.value.code == 2
+    assert "--bench-json" in capsys.readouterr().err.strip().splitlines()[-1]
+    ok = tmp_path / "bench.json"
+    ok.write_text("{}")
+    with pytest.raises(SystemExit):
+        mod.main(["--bench-json", str(ok), "--grids", "a,b"])
+    assert "--grids a,b" in capsys.readouterr().err.strip().splitlines()[-1]

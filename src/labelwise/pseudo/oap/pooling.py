@@ -374,22 +374,19 @@ def sparse_gram(x: torch.Tensor, F: torch.Tensor, inv_norm: torch.Tensor, mu: to
     torch.cumsum(torch.bincount(nz[:, 0], minlength=N), 0, out=indptr[1:])
     X = sp.csr_matrix(((x[nz[:, 0], nz[:, 1]] * inv_norm[nz[:, 0]]).numpy(), nz[:, 1].numpy(), indptr.numpy()),
                       shape=(N, D))
-    factor = F.index_select(1, dense_c)                            # (N, d) C-order = the (d, N) F-order BLAS reads
+    factor = F.index_select(1, dense_c)                            # (N, d): the dense channels
     if mu is not None:
         mu_s = mu.reshape(-1).masked_fill(heavy_c, 0.0)            # mu on the sparse channels, 0 elsewhere
         k = float(mu_s @ mu_s)
         factor = torch.cat([factor, (k ** 0.5 * inv_norm)[:, None]], dim=1)
-    c = out.numpy()
     if factor.shape[1] == 0:                                       # no dense channel
         out.zero_()
     else:
-        syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
-        r = syrk(1.0, factor.numpy().T, trans=1, lower=1, c=c.T, overwrite_c=1)
-        if not np.shares_memory(r, c):                             # pragma: no cover - f2py copied
-            out.copy_(torch.from_numpy(np.ascontiguousarray(r.T)))
+        _syrk_upper(factor, out)
     if mu is not None and X.nnz:
         a = torch.from_numpy(X @ mu_s.numpy())                     # ã = inv_norm ⊙ (x_S mu_S)
         syr2k = blas.ssyr2k if F.dtype == torch.float32 else blas.dsyr2k
+        c = out.numpy()
         r = syr2k(-1.0, a.numpy()[None], inv_norm.numpy()[None], trans=1, lower=1, beta=1.0, c=c.T, overwrite_c=1)
         if not np.shares_memory(r, c):                             # pragma: no cover - f2py copied
             out.copy_(torch.from_numpy(np.ascontiguousarray(r.T)))
@@ -615,11 +612,10 @@ class OnlineAgglomerativePooling(nn.Module):
         if keys.device.type != "cpu" or self.cfg.affinity == "dense":
             return None
         B, h, w, _ = keys.shape
-        buf = self._a_buffer
-        if buf is None or buf.shape != (B, h * w, h * w):
-            buf = self._a_buffer = None                              # free the old one before allocating
-            buf = self._a_buffer = torch.empty(B, h * w, h * w)
-        return buf
+        if self._a_buffer is None or self._a_buffer.shape != (B, h * w, h * w):
+            self._a_buffer = None                                    # free the old one before allocating
+            self._a_buffer = torch.empty(B, h * w, h * w)
+        return self._a_buffer
 
     # ------------------------------------------------------------------ identify (Eqs. 2-4)
     def _spatial(self, P: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
