@@ -152,7 +152,8 @@ class OAPConfig:
     affinity: str = param("auto", choices=("auto", "dense", "symmetric", "sparse"),
                           help="how A = F F^T is computed (all exact): one product, upper triangle only (BLAS "
                                "syrk on CPU), or split by channel for ReLU keys (syrk of the channels most tokens "
-                               "use + a sparse x sparse product of the rest); auto = dense on GPU, sparse when >= "
+                               "use + a sparse x sparse product of the rest; CPU only, elsewhere the symmetric "
+                               "blocks, same result); auto = dense on GPU, sparse when >= "
                                "80% of the keys are 0 on grids of >= 2048 tokens (measured crossover), else symmetric")
     profiles: str = param("auto", choices=("auto", "segment", "features"),
                           help="profiles M_i A / |M_i| of new supernodes: segment sums of member rows, or "
